@@ -1,0 +1,26 @@
+// The one schema block of the `snapkv` op library: the whole native API on one screen.
+// Kernels are registered per device in ops.cpp (CPU) and cuda/ (CUDA); fake (meta)
+// implementations for torch.compile live in snapkv_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(snapkv, m) {
+  // Window attention votes per KV head: [B,H_q,w,D] x [B,H_kv,L,D] -> [B,H_kv,L-w] float32.
+  m.def("window_scores(Tensor q_window, Tensor keys, Tensor? pad_lengths=None, str group_reduce='mean', float? scale=None) -> Tensor");
+  // 1-D max/avg pooling, odd kernel, stride 1, same length; positions < pad_lengths[b] -> -inf.
+  m.def("pool_scores(Tensor scores, int kernel_size, str pooling='max', Tensor? pad_lengths=None) -> Tensor");
+  // Top-k positions per row [B,H,N] -> [B,H,k] int64, sorted by position, ties to the lower one.
+  m.def("select_topk(Tensor scores, int k) -> Tensor");
+  // Gather kept rows then the last w rows: -> keys, values [B,H_kv,k+w,D].
+  m.def("compact(Tensor keys, Tensor values, Tensor indices, int window_size) -> (Tensor, Tensor)");
+  // compact() into caller-owned buffers [B,H_kv,k+w,D].
+  m.def("compact_into(Tensor keys, Tensor values, Tensor indices, int window_size, Tensor(a!) keys_out, Tensor(b!) values_out) -> ()");
+  // The fused path: -> keys, values [B,H_kv,C',D] and kept positions [B,H_kv,C'], C' = min(L, capacity).
+  m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None) -> (Tensor, Tensor, Tensor)");
+}
+
+// `import snapkv_ext._C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "snapkv native ops (see torch.ops.snapkv)", -1, nullptr};
+  return PyModule_Create(&module);
+}

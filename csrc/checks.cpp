@@ -1,0 +1,161 @@
+// Argument validation shared by the CPU and CUDA entry points. Every message names the
+// argument and what was expected, so a user can fix the call without reading this file.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "dispatch.h"
+#include "snapkv.h"
+
+namespace snapkv {
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  SNAPKV_CHECK(is_float_dtype(t.scalar_type()), name,
+               " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+}  // namespace
+
+GroupReduce parse_group_reduce(const std::string& s) {
+  if (s == "mean") return GroupReduce::Mean;
+  if (s == "max") return GroupReduce::Max;
+  if (s == "sum") return GroupReduce::Sum;
+  SNAPKV_CHECK(false, "group_reduce must be 'mean', 'max' or 'sum', got '", s, "'");
+  return GroupReduce::Mean;
+}
+
+Pooling parse_pooling(const std::string& s) {
+  if (s == "max") return Pooling::Max;
+  if (s == "avg") return Pooling::Avg;
+  SNAPKV_CHECK(false, "pooling must be 'max' or 'avg', got '", s, "'");
+  return Pooling::Max;
+}
+
+// pad_lengths [B] integer, on `device`, every value in [0, limit]. Reading the values costs a
+// host sync on CUDA; an out-of-range pad would otherwise index outside the keys.
+static void check_pad(const c10::optional<at::Tensor>& pad, int64_t B, int64_t limit,
+                      const at::Tensor& like, const char* limit_desc) {
+  if (!pad.has_value()) return;
+  const at::Tensor& p = *pad;
+  SNAPKV_CHECK(p.scalar_type() == at::kLong, "pad_lengths must be int64, got ", p.scalar_type());
+  SNAPKV_CHECK(p.dim() == 1 && p.size(0) == B, "pad_lengths must be [B] = [", B, "], got ",
+               shape_str(p));
+  SNAPKV_CHECK(p.device() == like.device(), "pad_lengths must be on ", like.device(),
+               " like the other inputs, got ", p.device());
+  if (B == 0) return;
+  auto mm = at::aminmax(p);
+  const int64_t lo = std::get<0>(mm).item<int64_t>();
+  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  SNAPKV_CHECK(lo >= 0 && hi <= limit, "pad_lengths values must be in [0, ", limit_desc, " = ",
+               limit, "], got min ", lo, " max ", hi);
+}
+
+WindowShape check_window_args(const at::Tensor& q, const at::Tensor& keys,
+                              const c10::optional<at::Tensor>& pad_lengths) {
+  SNAPKV_CHECK(q.dim() == 4, "q_window must be [B, H_q, w, D], got ", shape_str(q));
+  SNAPKV_CHECK(keys.dim() == 4, "keys must be [B, H_kv, L, D], got ", shape_str(keys));
+  check_float(q, "q_window");
+  check_float(keys, "keys");
+  SNAPKV_CHECK(q.scalar_type() == keys.scalar_type(), "q_window and keys must have the same dtype, got ",
+               q.scalar_type(), " and ", keys.scalar_type());
+  SNAPKV_CHECK(q.device() == keys.device(), "q_window and keys must be on the same device, got ",
+               q.device(), " and ", keys.device());
+  WindowShape s{q.size(0), q.size(1), keys.size(1), keys.size(2), q.size(3), q.size(2)};
+  SNAPKV_CHECK(keys.size(0) == s.B, "q_window and keys must have the same batch size, got ",
+               shape_str(q), " and ", shape_str(keys));
+  SNAPKV_CHECK(keys.size(3) == s.D, "q_window and keys must have the same head dim D, got ",
+               shape_str(q), " and ", shape_str(keys));
+  SNAPKV_CHECK(s.B > 0 && s.Hq > 0 && s.Hkv > 0 && s.D > 0,
+               "q_window and keys must be non-empty, got ", shape_str(q), " and ", shape_str(keys));
+  SNAPKV_CHECK(s.Hq % s.Hkv == 0, "H_q must be a multiple of H_kv (GQA), got H_q = ", s.Hq,
+               " and H_kv = ", s.Hkv);
+  SNAPKV_CHECK(s.w >= 1, "the window (q_window.size(2)) must be at least 1, got ", s.w);
+  SNAPKV_CHECK(s.w < s.L, "the window w = q_window.size(2) must be smaller than L = keys.size(2), got w = ",
+               s.w, " and L = ", s.L);
+  check_pad(pad_lengths, s.B, s.L - s.w, keys, "L - w");
+  return s;
+}
+
+void check_pool_args(const at::Tensor& scores, int64_t kernel_size,
+                     const c10::optional<at::Tensor>& pad_lengths) {
+  SNAPKV_CHECK(scores.dim() == 3, "scores must be [B, H, N], got ", shape_str(scores));
+  check_float(scores, "scores");
+  SNAPKV_CHECK(scores.numel() > 0, "scores must be non-empty, got ", shape_str(scores));
+  SNAPKV_CHECK(kernel_size > 0 && kernel_size % 2 == 1, "kernel_size must be a positive odd integer, got ",
+               kernel_size);
+  check_pad(pad_lengths, scores.size(0), scores.size(2), scores, "N");
+}
+
+void check_topk_args(const at::Tensor& scores, int64_t k) {
+  SNAPKV_CHECK(scores.dim() == 3, "scores must be [B, H, N], got ", shape_str(scores));
+  check_float(scores, "scores");
+  SNAPKV_CHECK(scores.numel() > 0, "scores must be non-empty, got ", shape_str(scores));
+  SNAPKV_CHECK(k >= 0 && k <= scores.size(2), "k must be in [0, N = scores.size(2) = ", scores.size(2),
+               "], got ", k);
+}
+
+void check_compact_args(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& indices,
+                        int64_t window_size, bool check_values) {
+  SNAPKV_CHECK(keys.dim() == 4, "keys must be [B, H_kv, L, D], got ", shape_str(keys));
+  check_float(keys, "keys");
+  SNAPKV_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", shape_str(keys),
+               ", got ", shape_str(values));
+  SNAPKV_CHECK(values.scalar_type() == keys.scalar_type(), "values must have the dtype of keys (",
+               keys.scalar_type(), "), got ", values.scalar_type());
+  SNAPKV_CHECK(values.device() == keys.device() && indices.device() == keys.device(),
+               "keys, values and indices must be on the same device, got ", keys.device(), ", ",
+               values.device(), " and ", indices.device());
+  SNAPKV_CHECK(keys.numel() > 0, "keys must be non-empty, got ", shape_str(keys));
+  const int64_t L = keys.size(2);
+  SNAPKV_CHECK(window_size >= 1 && window_size < L, "window_size must be in [1, L - 1] with L = ", L,
+               ", got ", window_size);
+  SNAPKV_CHECK(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  SNAPKV_CHECK(indices.dim() == 3 && indices.size(0) == keys.size(0) && indices.size(1) == keys.size(1),
+               "indices must be [B, H_kv, k] = [", keys.size(0), ", ", keys.size(1), ", k], got ",
+               shape_str(indices));
+  SNAPKV_CHECK(indices.size(2) <= L - window_size, "indices must select at most L - window_size = ",
+               L - window_size, " positions, got k = ", indices.size(2));
+  if (check_values && indices.numel() > 0) {
+    auto mm = at::aminmax(indices);
+    const int64_t lo = std::get<0>(mm).item<int64_t>();
+    const int64_t hi = std::get<1>(mm).item<int64_t>();
+    SNAPKV_CHECK(lo >= 0 && hi < L - window_size, "indices must lie in [0, L - window_size) = [0, ",
+                 L - window_size, "), got min ", lo, " max ", hi);
+  }
+}
+
+void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_t window_size,
+                       const at::Tensor& keys_out, const at::Tensor& values_out) {
+  const std::vector<int64_t> want{keys.size(0), keys.size(1), indices.size(2) + window_size, keys.size(3)};
+  for (const auto* t : {&keys_out, &values_out}) {
+    const char* name = t == &keys_out ? "keys_out" : "values_out";
+    SNAPKV_CHECK(t->sizes() == at::IntArrayRef(want), name, " must be [B, H_kv, k + w, D] = ",
+                 at::IntArrayRef(want), ", got ", shape_str(*t));
+    SNAPKV_CHECK(t->scalar_type() == keys.scalar_type(), name, " must have the dtype of keys (",
+                 keys.scalar_type(), "), got ", t->scalar_type());
+    SNAPKV_CHECK(t->device() == keys.device(), name, " must be on ", keys.device(), ", got ", t->device());
+    SNAPKV_CHECK(t->stride(3) == 1, name, " must be contiguous in its last dim, got strides ",
+                 t->strides());
+  }
+  SNAPKV_CHECK(!keys_out.is_same(values_out), "keys_out and values_out must be different tensors");
+}
+
+float resolve_scale(const c10::optional<double>& scale, int64_t head_dim) {
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  SNAPKV_CHECK(std::isfinite(s) && s > 0, "scale must be finite and positive, got ", s);
+  return static_cast<float>(s);
+}
+
+}  // namespace snapkv

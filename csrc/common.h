@@ -1,0 +1,107 @@
+// Per-element math shared by the CPU and CUDA kernels.
+//
+// Everything here is `SNAPKV_HD`: compiled for the host in the CPU kernels (which the CPU test
+// suite exercises on every run) and for the device in the CUDA kernels. Keeping the masking,
+// softmax bookkeeping, pooling windows and top-k ordering in one place means a CUDA kernel that
+// has never run on a GPU still computes exactly what the CPU tests checked.
+#pragma once
+
+#include <cstdint>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define SNAPKV_HD __host__ __device__ __forceinline__
+#else
+#define SNAPKV_HD inline
+#endif
+
+namespace snapkv {
+
+// Reduction over the query heads of one GQA group (step 3 of SNAPKV.md).
+enum class GroupReduce : int { Mean = 0, Max = 1, Sum = 2 };
+// 1-D pooling over positions (step 4).
+enum class Pooling : int { Max = 0, Avg = 1 };
+
+SNAPKV_HD float neg_inf() { return -INFINITY; }
+
+// Window query `i` (0-based inside a window of `w`) sits at absolute position L - w + i and
+// sees key `j` iff j is not left padding and j <= L - w + i (causal inside the window).
+SNAPKV_HD bool key_visible(int64_t j, int64_t i, int64_t L, int64_t w, int64_t pad) {
+  return j >= pad && j <= L - w + i;
+}
+
+// Running softmax statistics of one row: max `m` and sum of exp(x - m) `l`.
+struct SoftmaxStat {
+  float m;
+  float l;
+};
+
+SNAPKV_HD SoftmaxStat stat_empty() { return SoftmaxStat{-INFINITY, 0.f}; }
+
+// Merge two partial statistics (either may be empty).
+SNAPKV_HD SoftmaxStat stat_merge(SoftmaxStat a, SoftmaxStat b) {
+  if (a.m == -INFINITY) return b;
+  if (b.m == -INFINITY) return a;
+  const float m = a.m > b.m ? a.m : b.m;
+  return SoftmaxStat{m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
+}
+
+// log-sum-exp of a row from its statistics; -inf for a row that saw no key.
+SNAPKV_HD float stat_lse(SoftmaxStat s) {
+  return s.m == -INFINITY ? -INFINITY : s.m + logf(s.l);
+}
+
+// Softmax probability of a logit given the row's log-sum-exp (0 for an empty row).
+SNAPKV_HD float prob_from_lse(float logit, float lse) {
+  return lse == -INFINITY ? 0.f : expf(logit - lse);
+}
+
+// Group reduction: start value, combine one head's window-averaged score, finish.
+SNAPKV_HD float group_init(GroupReduce r) { return r == GroupReduce::Max ? -INFINITY : 0.f; }
+SNAPKV_HD float group_combine(GroupReduce r, float acc, float v) {
+  return r == GroupReduce::Max ? (v > acc ? v : acc) : acc + v;
+}
+SNAPKV_HD float group_finish(GroupReduce r, float acc, int64_t group) {
+  return r == GroupReduce::Mean ? acc / static_cast<float>(group) : acc;
+}
+
+// Pooling window of output position j: inputs [lo, hi) (clipped to the sequence). Padding is
+// kernel_size // 2 on each side, stride 1, so the output has the input's length.
+SNAPKV_HD void pool_bounds(int64_t j, int64_t n, int64_t kernel_size, int64_t* lo, int64_t* hi) {
+  const int64_t half = kernel_size / 2;
+  *lo = j - half < 0 ? 0 : j - half;
+  *hi = j + half + 1 > n ? n : j + half + 1;
+}
+SNAPKV_HD float pool_init(Pooling p) { return p == Pooling::Max ? -INFINITY : 0.f; }
+SNAPKV_HD float pool_combine(Pooling p, float acc, float v) {
+  // NaN propagates through max pooling, as in F.max_pool1d.
+  return p == Pooling::Max ? ((v > acc || v != v) ? v : acc) : acc + v;
+}
+// Average pooling divides by the full kernel size (count_include_pad=True, as F.avg_pool1d).
+SNAPKV_HD float pool_finish(Pooling p, float acc, int64_t kernel_size) {
+  return p == Pooling::Avg ? acc / static_cast<float>(kernel_size) : acc;
+}
+
+// Top-k order as an unsigned key: a larger key ranks first. Monotone in the float value for
+// every non-NaN (so -inf ranks below every finite score); NaN ranks below everything, so a
+// NaN score is never preferred to a real one. Ties are broken toward the lower position by the
+// selection code, not here.
+SNAPKV_HD uint32_t order_key(float v) {
+  if (v != v) return 0u;
+  union {
+    float f;
+    uint32_t u;
+  } bits;
+  bits.f = v;
+  const uint32_t u = bits.u;
+  // Positive floats: set the sign bit; negative floats: flip every bit. Keys of NaN-free input
+  // are then >= 0x007FFFFF + 1 for -inf, so key 0 is free for NaN.
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// True if (key a at position pa) ranks before (key b at position pb).
+SNAPKV_HD bool ranks_before(uint32_t a, int64_t pa, uint32_t b, int64_t pb) {
+  return a > b || (a == b && pa < pb);
+}
+
+}  // namespace snapkv

@@ -1,0 +1,78 @@
+// Device-independent op bodies (compact, the fused compress path) and the CPU registration.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "dispatch.h"
+#include "ops_impl.h"
+#include "snapkv.h"
+
+namespace snapkv {
+
+std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
+                                                const at::Tensor& values, const at::Tensor& indices,
+                                                int64_t window_size) {
+  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
+  const int64_t rows = indices.size(2) + window_size;
+  auto keys_out = at::empty({keys.size(0), keys.size(1), rows, keys.size(3)}, keys.options());
+  auto values_out = at::empty_like(keys_out);
+  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
+  return {keys_out, values_out};
+}
+
+void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
+                       const at::Tensor& values_out) {
+  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
+  check_compact_out(keys, indices, window_size, keys_out, values_out);
+  for (const auto* o : {&keys_out, &values_out}) {
+    SNAPKV_CHECK(!o->is_same(keys) && !o->is_same(values),
+                 "keys_out and values_out must not be the input keys or values");
+  }
+  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
+    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
+    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
+    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
+    c10::optional<double> scale) {
+  const WindowShape s = check_window_args(q_window, keys, pad_lengths);
+  SNAPKV_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(),
+               ", got ", values.sizes());
+  SNAPKV_CHECK(values.scalar_type() == keys.scalar_type() && values.device() == keys.device(),
+               "values must have the dtype and device of keys (", keys.scalar_type(), ", ",
+               keys.device(), "), got ", values.scalar_type(), ", ", values.device());
+  SNAPKV_CHECK(max_capacity_prompt > s.w, "max_capacity_prompt must be larger than the window w = ",
+               s.w, ", got ", max_capacity_prompt);
+  SNAPKV_CHECK(kernel_size > 0 && kernel_size % 2 == 1, "kernel_size must be a positive odd integer, got ",
+               kernel_size);
+  parse_pooling(pooling);
+  parse_group_reduce(group_reduce);
+  resolve_scale(scale, s.D);
+
+  auto pos_opts = keys.options().dtype(at::kLong);
+  if (s.L <= max_capacity_prompt) {
+    // Nothing is dropped: the cache is the prompt's, exactly.
+    auto positions = at::arange(s.L, pos_opts).expand({s.B, s.Hkv, s.L}).contiguous();
+    return {keys.clone(at::MemoryFormat::Contiguous), values.clone(at::MemoryFormat::Contiguous),
+            positions};
+  }
+  const int64_t k = max_capacity_prompt - s.w;
+  auto scores = be.window_scores(q_window, keys, pad_lengths, group_reduce, scale);
+  auto pooled = be.pool_scores(scores, kernel_size, pooling, pad_lengths);
+  auto indices = be.select_topk(pooled, k);
+  auto keys_out = at::empty({s.B, s.Hkv, max_capacity_prompt, s.D}, keys.options());
+  auto values_out = at::empty_like(keys_out);
+  // indices come from select_topk, so they are in range by construction: no host sync here.
+  be.compact_into(keys, values, indices, s.w, keys_out, values_out);
+  auto window_pos = at::arange(s.L - s.w, s.L, pos_opts).expand({s.B, s.Hkv, s.w});
+  auto positions = at::cat({indices, window_pos}, 2);
+  return {keys_out, values_out, positions};
+}
+
+const Backend kCpuBackend{&window_scores_cpu, &pool_scores_cpu, &select_topk_cpu,
+                          &compact_into_cpu_unchecked};
+
+TORCH_LIBRARY_IMPL(snapkv, CPU, m) { register_device_ops<kCpuBackend>(m); }
+
+}  // namespace snapkv

@@ -1,0 +1,103 @@
+// Host-side declarations of every snapkv op and of the per-device kernels behind them.
+//
+// Shapes use: B batch, H_q query heads, H_kv key/value heads (H_q % H_kv == 0), L prompt
+// length, D head dim, w observation window, k kept prefix positions.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <tuple>
+
+#include "common.h"
+
+namespace snapkv {
+
+// ---- argument checks (checks.cpp), shared by the CPU and CUDA entry points ----
+
+struct WindowShape {
+  int64_t B, Hq, Hkv, L, D, w;
+  int64_t group() const { return Hq / Hkv; }
+};
+
+// Shape of already-checked window arguments.
+inline WindowShape window_shape(const at::Tensor& q_window, const at::Tensor& keys) {
+  return WindowShape{q_window.size(0), q_window.size(1), keys.size(1), keys.size(2), q_window.size(3),
+                     q_window.size(2)};
+}
+
+GroupReduce parse_group_reduce(const std::string& s);
+Pooling parse_pooling(const std::string& s);
+// Validates q_window [B, H_q, w, D] and keys [B, H_kv, L, D] (and pad_lengths [B] int64 with
+// values in [0, L - w]); returns the shape.
+WindowShape check_window_args(const at::Tensor& q_window, const at::Tensor& keys,
+                              const c10::optional<at::Tensor>& pad_lengths);
+// Validates scores [B, H, N] float, an odd positive kernel_size and pad_lengths [B] in [0, N].
+void check_pool_args(const at::Tensor& scores, int64_t kernel_size,
+                     const c10::optional<at::Tensor>& pad_lengths);
+// Validates scores [B, H, N] float and 0 <= k <= N.
+void check_topk_args(const at::Tensor& scores, int64_t k);
+// Validates keys/values [B, H_kv, L, D], indices [B, H_kv, k] int64 and 0 < window_size < L.
+// With check_values, also that every index lies in [0, L - window_size) (a host sync on CUDA).
+void check_compact_args(const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& indices, int64_t window_size, bool check_values);
+// Validates caller-owned outputs [B, H_kv, k + w, D] (last dim contiguous, dtype/device of keys).
+void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_t window_size,
+                       const at::Tensor& keys_out, const at::Tensor& values_out);
+// 1 / sqrt(D) unless given; must be finite and positive.
+float resolve_scale(const c10::optional<double>& scale, int64_t head_dim);
+
+// ---- kernels, one set per device; arguments already checked ----
+// window_scores: -> [B, H_kv, L - w] float32, 0 at padded positions.
+// pool_scores:   -> same shape and dtype as scores, -inf at padded positions when pad given.
+// select_topk:   -> [B, H, k] int64, sorted by position.
+// compact_into:  writes [B, H_kv, k + w, D] into the outputs.
+
+at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
+                             const c10::optional<at::Tensor>& pad_lengths,
+                             const std::string& group_reduce, c10::optional<double> scale);
+at::Tensor pool_scores_cpu(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
+                           const c10::optional<at::Tensor>& pad_lengths);
+at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t k);
+void compact_into_cpu_unchecked(const at::Tensor& keys, const at::Tensor& values,
+                                const at::Tensor& indices, int64_t window_size,
+                                const at::Tensor& keys_out, const at::Tensor& values_out);
+
+#ifdef SNAPKV_WITH_CUDA
+at::Tensor window_scores_cuda(const at::Tensor& q_window, const at::Tensor& keys,
+                              const c10::optional<at::Tensor>& pad_lengths,
+                              const std::string& group_reduce, c10::optional<double> scale);
+at::Tensor pool_scores_cuda(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
+                            const c10::optional<at::Tensor>& pad_lengths);
+at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
+void compact_into_cuda_unchecked(const at::Tensor& keys, const at::Tensor& values,
+                                 const at::Tensor& indices, int64_t window_size,
+                                 const at::Tensor& keys_out, const at::Tensor& values_out);
+#endif
+
+// ---- the per-device kernels as one table, so the op entry points are written once ----
+struct Backend {
+  decltype(&window_scores_cpu) window_scores;
+  decltype(&pool_scores_cpu) pool_scores;
+  decltype(&select_topk_cpu) select_topk;
+  decltype(&compact_into_cpu_unchecked) compact_into;
+};
+
+// Public op bodies (ops.cpp), parameterised by the device's kernels.
+std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
+                                                const at::Tensor& values, const at::Tensor& indices,
+                                                int64_t window_size);
+void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
+                       const at::Tensor& values_out);
+// The fused path: scores -> pool (padding masked) -> top-k -> compact. Returns
+// (keys [B, H_kv, C', D], values [B, H_kv, C', D], kept positions [B, H_kv, C'] int64) with
+// C' = min(L, max_capacity_prompt); copies of the inputs when L <= max_capacity_prompt.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
+    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
+    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
+    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
+    c10::optional<double> scale);
+
+}  // namespace snapkv

@@ -1,0 +1,29 @@
+"""snapkv-ext: SnapKV KV-cache compression with native C++/CUDA kernels.
+
+Importing the package loads the native library, which registers the ops as
+``torch.ops.snapkv.*``; the typed wrappers in :mod:`snapkv_ext.ops` are re-exported here.
+"""
+from . import _C  # noqa: F401  (registers torch.ops.snapkv.*)
+from . import ops, reference
+from .ops import (
+    compact,
+    compact_into,
+    has_cuda_kernels,
+    pool_scores,
+    select_topk,
+    snapkv_compress,
+    window_scores,
+)
+
+__all__ = [
+    "compact",
+    "compact_into",
+    "has_cuda_kernels",
+    "ops",
+    "pool_scores",
+    "reference",
+    "select_topk",
+    "snapkv_compress",
+    "window_scores",
+]
+__version__ = "0.1.0"
