@@ -44,6 +44,7 @@ def extensions():
     cxx = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if want_cuda():
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
         if debug:

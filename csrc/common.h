@@ -104,4 +104,23 @@ SNAPKV_HD bool ranks_before(uint32_t a, int64_t pa, uint32_t b, int64_t pb) {
   return a > b || (a == b && pa < pb);
 }
 
+// Radix select over order keys, 8 bits a pass from the most significant digit. `hist` counts the
+// current digit of the candidates (keys whose higher digits equal the prefix chosen so far) and
+// `need` (>= 1) is how many keys are still to be taken from the candidates. Returns the digit
+// whose bin holds the need-th best candidate and lowers `need` by the candidates in higher
+// bins, which are all taken. After four passes the prefix is the k-th best key T: every key
+// above T is selected, plus the first `need` keys equal to T in position order.
+SNAPKV_HD int radix_pick_bin(const uint32_t* hist, int64_t* need) {
+  int64_t above = 0;
+  for (int bin = 255; bin > 0; --bin) {
+    if (above + hist[bin] >= *need) {
+      *need -= above;
+      return bin;
+    }
+    above += hist[bin];
+  }
+  *need -= above;
+  return 0;
+}
+
 }  // namespace snapkv

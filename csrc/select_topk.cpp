@@ -1,9 +1,8 @@
 // CPU top-k per row: the k best positions by score (ties toward the lower position, NaN last),
-// returned in position order.
+// returned in position order. Same radix select as the CUDA kernel (common.h), serial per row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "dispatch.h"
@@ -21,17 +20,23 @@ at::Tensor select_topk_cpu(const at::Tensor& scores_in, int64_t k) {
     int64_t* o = out.data_ptr<int64_t>();
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint32_t> key(N);
-      std::vector<int64_t> pos(N);
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* x = in + row * N;
-        for (int64_t j = 0; j < N; ++j) {
-          key[j] = order_key(static_cast<float>(x[j]));
-          pos[j] = j;
+        for (int64_t j = 0; j < N; ++j) key[j] = order_key(static_cast<float>(x[j]));
+        uint32_t prefix = 0, mask = 0;
+        int64_t need = k;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+          uint32_t hist[256] = {0};
+          for (int64_t j = 0; j < N; ++j)
+            if ((key[j] & mask) == prefix) ++hist[(key[j] >> shift) & 0xFFu];
+          prefix |= static_cast<uint32_t>(radix_pick_bin(hist, &need)) << shift;
+          mask |= 0xFFu << shift;
         }
-        auto before = [&](int64_t a, int64_t b) { return ranks_before(key[a], a, key[b], b); };
-        if (k < N) std::nth_element(pos.begin(), pos.begin() + (k - 1), pos.end(), before);
-        std::sort(pos.begin(), pos.begin() + k);
-        std::copy(pos.begin(), pos.begin() + k, o + row * k);
+        int64_t* y = o + row * k;
+        int64_t n = 0;
+        for (int64_t j = 0; j < N && n < k; ++j) {
+          if (key[j] > prefix || (key[j] == prefix && need-- > 0)) y[n++] = j;
+        }
       }
     });
   });

@@ -3,6 +3,8 @@
 Importing the package loads the native library, which registers the ops as
 ``torch.ops.snapkv.*``; the typed wrappers in :mod:`snapkv_ext.ops` are re-exported here.
 """
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
+
 from . import _C  # noqa: F401  (registers torch.ops.snapkv.*)
 from . import ops, reference
 from .ops import (

@@ -38,12 +38,13 @@ def window_attention(
 
 def window_scores(
     q_window: Tensor, keys: Tensor, pad_lengths: Optional[Tensor] = None, group_reduce: str = "mean",
-    scale: Optional[float] = None,
+    scale: Optional[float] = None, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Reference of :func:`snapkv_ext.ops.window_scores`: ``[B, H_kv, L - w]`` float32."""
+    """Reference of :func:`snapkv_ext.ops.window_scores`: ``[B, H_kv, L - w]`` float32,
+    computed in ``dtype`` (float64 by default; float32 to measure what fp32 costs anyway)."""
     B, H_q, w, _ = q_window.shape
     H_kv, L = keys.shape[1], keys.shape[2]
-    p = window_attention(q_window, keys, pad_lengths, scale)
+    p = window_attention(q_window, keys, pad_lengths, scale, dtype=dtype)
     votes = p.mean(dim=2)[..., : L - w].reshape(B, H_kv, H_q // H_kv, L - w)
     if group_reduce == "mean":
         out = votes.mean(dim=2)

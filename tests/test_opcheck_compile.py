@@ -1,0 +1,67 @@
+"""The ops are proper dispatcher ops: opcheck (schema, fake tensors, autograd registration)
+passes on a small case of each, and a function using them compiles with fullgraph=True."""
+import pytest
+import torch
+
+import snapkv_ext  # noqa: F401
+from snapkv_ext import ops
+
+from conftest import randn
+
+
+def small_case(device, gen):
+    q = randn((2, 4, 8, 64), torch.float32, device, gen)
+    k = randn((2, 2, 40, 64), torch.float32, device, gen)
+    v = randn((2, 2, 40, 64), torch.float32, device, gen)
+    pad = torch.tensor([0, 3], device=device)
+    s = randn((2, 2, 32), torch.float32, device, gen)
+    idx = torch.arange(0, 20, 2, device=device).expand(2, 2, 10).contiguous()
+    return q, k, v, pad, s, idx
+
+
+def test_opcheck(device, gen):
+    q, k, v, pad, s, idx = small_case(device, gen)
+    snap = torch.ops.snapkv
+    ko, vo = torch.empty(2, 2, 18, 64, device=device), torch.empty(2, 2, 18, 64, device=device)
+    for op, args in [
+        (snap.window_scores.default, (q, k, pad, "mean", None)),
+        (snap.window_scores.default, (q, k, None, "max", 0.3)),
+        (snap.pool_scores.default, (s, 5, "max", pad)),
+        (snap.pool_scores.default, (s, 3, "avg", None)),
+        (snap.select_topk.default, (s, 7)),
+        (snap.compact.default, (k, v, idx, 8)),
+        (snap.compact_into.default, (k, v, idx, 8, ko, vo)),
+        (snap.snapkv_compress.default, (q, k, v, 16, 7, "max", "mean", pad, None)),
+        (snap.snapkv_compress.default, (q, k, v, 64, 7, "max", "mean", None, None)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph(device, gen):
+    q, k, v, pad, _, _ = small_case(device, gen)
+
+    def step(q, k, v, pad):
+        s = ops.pool_scores(ops.window_scores(q, k, pad), 7, "max", pad)
+        idx = ops.select_topk(s, 8)
+        ck, cv = ops.compact(k, v, idx, 8)
+        fk, fv, pos = ops.snapkv_compress(q, k, v, 16, 7, "max", "mean", pad)
+        return ck + 1, cv, fk, fv, pos
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(q, k, v, pad), step(q, k, v, pad)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_matches_cpu(gen):
+    """The CUDA kernels and the CPU kernels keep the same entries (same selection rules)."""
+    q = randn((2, 8, 32, 128), torch.bfloat16, "cpu", gen)
+    k = randn((2, 2, 3000, 128), torch.bfloat16, "cpu", gen, scale=2.0)
+    v = randn((2, 2, 3000, 128), torch.bfloat16, "cpu", gen)
+    pad = torch.tensor([0, 500])
+    s_cpu = ops.window_scores(q, k, pad)
+    s_gpu = ops.window_scores(q.cuda(), k.cuda(), pad.cuda()).cpu()
+    torch.testing.assert_close(s_gpu, s_cpu, rtol=1e-4, atol=1e-7)
+    p = ops.pool_scores(s_cpu, 7, "max", pad)
+    assert torch.equal(ops.pool_scores(s_cpu.cuda(), 7, "max", pad.cuda()).cpu(), p)
+    assert torch.equal(ops.select_topk(p.cuda(), 1000).cpu(), ops.select_topk(p, 1000))
