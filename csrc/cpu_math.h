@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define SNAPKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -59,6 +61,18 @@ SNAPKV_CPU_CLONES inline void add_probs(const float* __restrict__ s, int64_t n, 
                                         float* __restrict__ acc) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) acc[j] += exp_fast(s[j] - lse);
+}
+
+// acc[j] = pool_combine(mode, acc[j], x[j]) for j < n.
+SNAPKV_CPU_CLONES inline void pool_accumulate(Pooling mode, const float* __restrict__ x, int64_t n,
+                                              float* __restrict__ acc) {
+  if (mode == Pooling::Max) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] = pool_combine(Pooling::Max, acc[j], x[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+  }
 }
 
 }  // namespace cpu

@@ -3,8 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
+#include "cpu_math.h"
 #include "dispatch.h"
 #include "snapkv.h"
 
@@ -24,22 +26,22 @@ at::Tensor pool_scores_cpu(const at::Tensor& scores_in, int64_t kernel_size, con
   SNAPKV_DISPATCH_FLOATING(scores.scalar_type(), "pool_scores_cpu", [&] {
     const scalar_t* in = scores.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t half = kernel_size / 2;
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(N), acc(N);
       for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* x = in + row * N;
-        scalar_t* y = o + row * N;
-        const int64_t p0 = pad[row / H];
-        for (int64_t j = 0; j < N; ++j) {
-          if (j < p0) {
-            y[j] = static_cast<scalar_t>(neg_inf());
-            continue;
-          }
-          int64_t lo, hi;
-          pool_bounds(j, N, kernel_size, &lo, &hi);
-          float acc = pool_init(mode);
-          for (int64_t t = lo; t < hi; ++t) acc = pool_combine(mode, acc, static_cast<float>(x[t]));
-          y[j] = static_cast<scalar_t>(pool_finish(mode, acc, kernel_size));
+        for (int64_t j = 0; j < N; ++j) x[j] = static_cast<float>(in[row * N + j]);
+        std::fill(acc.begin(), acc.end(), pool_init(mode));
+        // One pass per kernel offset: acc[j] combines x[j + off] wherever that is in range,
+        // which is exactly the clipped window of pool_bounds(j).
+        for (int64_t off = -half; off <= half; ++off) {
+          const int64_t lo = std::max<int64_t>(0, -off), hi = std::min<int64_t>(N, N - off);
+          cpu::pool_accumulate(mode, x.data() + lo + off, hi - lo, acc.data() + lo);
         }
+        scalar_t* y = o + row * N;
+        const int64_t p0 = std::min(pad[row / H], N);
+        for (int64_t j = 0; j < p0; ++j) y[j] = static_cast<scalar_t>(neg_inf());
+        for (int64_t j = p0; j < N; ++j) y[j] = static_cast<scalar_t>(pool_finish(mode, acc[j], kernel_size));
       }
     });
   });

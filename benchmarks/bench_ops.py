@@ -1,0 +1,227 @@
+"""Op benchmark: each snapkv op and the fused path against plain torch, side by side, in one run.
+
+The baseline is the computation as the public SnapKV implementations write it: repeat the KV
+heads for GQA, matmul the window queries against all keys, mask, softmax in fp32, sum over the
+window, pool, topk, gather from the repeated cache. Ours selects per KV head without repeating.
+
+    python benchmarks/bench_ops.py                         # CPU, L = 4K..32K
+    python benchmarks/bench_ops.py --device cuda --lengths 4096 16384 32768 65536 131072
+    python benchmarks/bench_ops.py --json out.json
+
+Reported per (config, dtype, L): median milliseconds of ours and of torch, torch/ours (the
+speedup), and the peak extra memory of each (CPU: peak RSS growth with every large block
+returned to the OS on free; CUDA: torch's peak allocated bytes). On CUDA also the measured copy
+bandwidth and window_scores' time against the time to read the keys once at that bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+# CPU peak memory is read from the kernel's peak-RSS counter. glibc otherwise keeps freed large
+# blocks in its heap (its mmap threshold adapts upward), which would hide later allocations:
+# fix the threshold so every large block is mmap'd and returned on free. Must be set at start.
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable] + sys.argv)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import snapkv_ext  # noqa: E402
+from snapkv_ext import ops  # noqa: E402
+
+CONFIGS = {
+    # name: (H_q, H_kv, D)
+    "llama3-8b": (32, 8, 128),
+    "mistral-7b": (32, 8, 128),
+    "lwm-7b": (32, 32, 128),
+    "qwen2-7b": (28, 4, 128),
+}
+
+
+# ---------------------------------------------------------------- the plain-torch baseline
+def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    B, H, L, D = x.shape
+    return x[:, :, None].expand(B, H, group, L, D).reshape(B, H * group, L, D)
+
+
+def torch_scores(q, k):
+    """[B, H_q, L - w] window votes per query head, as the public implementations compute them."""
+    w, D = q.shape[2], q.shape[3]
+    kr = repeat_kv(k, q.shape[1] // k.shape[1])
+    attn = torch.matmul(q, kr.transpose(2, 3)) / math.sqrt(D)
+    causal = torch.full((w, w), torch.finfo(attn.dtype).min, device=q.device).triu(1)
+    attn[:, :, :, -w:] += causal
+    attn = torch.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
+    return attn[:, :, :, :-w].sum(dim=-2)
+
+
+def torch_compress(q, k, v, capacity, kernel_size):
+    w, D = q.shape[2], q.shape[3]
+    group = q.shape[1] // k.shape[1]
+    kr, vr = repeat_kv(k, group), repeat_kv(v, group)
+    s = F.max_pool1d(torch_scores(q, k), kernel_size, stride=1, padding=kernel_size // 2)
+    idx = s.topk(capacity - w, dim=-1).indices[..., None].expand(-1, -1, -1, D)
+    k_out = torch.cat([kr[:, :, :-w].gather(2, idx), kr[:, :, -w:]], dim=2)
+    v_out = torch.cat([vr[:, :, :-w].gather(2, idx), vr[:, :, -w:]], dim=2)
+    return k_out, v_out
+
+
+# ---------------------------------------------------------------- measurement
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_mb(fn, device):
+    """Peak memory the call needs beyond what exists before it (outputs included)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    base = _status_kb("VmRSS")
+    out = fn()
+    peak = _status_kb("VmHWM") - base
+    del out
+    return peak / 1024
+
+
+def copy_bandwidth_gbs(device, nbytes=1 << 30):
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), device, reps=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9  # read + write
+
+
+def run(args):
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        assert torch.cuda.is_available(), "--device cuda needs a GPU"
+        assert snapkv_ext.has_cuda_kernels(), "snapkv_ext was built without its CUDA kernels"
+    rows = []
+    bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
+    if bw:
+        print(f"measured copy bandwidth: {bw:.0f} GB/s (read + write)")
+    for name in args.configs:
+        H_q, H_kv, D = CONFIGS[name]
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for L in args.lengths:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                q = torch.randn(args.batch, H_q, args.window, D, generator=g).to(dtype=dtype, device=device)
+                k = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
+                v = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
+                C, ks, w = args.budget, args.kernel, args.window
+                reps = args.reps
+                s_ours = ops.window_scores(q, k)
+                s_torch = torch_scores(q, k)
+                pooled = ops.pool_scores(s_ours, ks, "max")
+                idx = ops.select_topk(pooled, C - w)
+                gidx = idx[..., None].expand(-1, -1, -1, D)
+                cases = [
+                    ("window_scores", lambda: ops.window_scores(q, k), lambda: torch_scores(q, k)),
+                    ("pool_scores", lambda: ops.pool_scores(s_ours, ks, "max"),
+                     lambda: F.max_pool1d(s_ours, ks, stride=1, padding=ks // 2)),
+                    ("select_topk", lambda: ops.select_topk(pooled, C - w),
+                     lambda: pooled.topk(C - w, dim=-1).indices.sort(dim=-1).values),
+                    ("compact", lambda: ops.compact(k, v, idx, w),
+                     lambda: (torch.cat([k[:, :, :-w].gather(2, gidx), k[:, :, -w:]], 2),
+                              torch.cat([v[:, :, :-w].gather(2, gidx), v[:, :, -w:]], 2))),
+                    ("fused", lambda: ops.snapkv_compress(q, k, v, C, ks, "max"),
+                     lambda: torch_compress(q, k, v, C, ks)),
+                ]
+                del s_torch
+                for op, ours, base in cases:
+                    if args.ops and op not in args.ops:
+                        continue
+                    t_ours = median_ms(ours, device, reps)
+                    t_base = median_ms(base, device, reps)
+                    m_ours = peak_extra_mb(ours, device)
+                    m_base = peak_extra_mb(base, device)
+                    row = dict(config=name, dtype=dtype_name, L=L, op=op, ours_ms=t_ours, torch_ms=t_base,
+                               speedup=t_base / t_ours, ours_peak_mb=m_ours, torch_peak_mb=m_base)
+                    if bw and op == "window_scores":
+                        read_ms = k.numel() * k.element_size() / (bw / 2 * 1e9) * 1e3
+                        row["keys_read_ms"] = read_ms
+                        row["vs_keys_read"] = t_ours / read_ms
+                    rows.append(row)
+                    extra = f"  {row['vs_keys_read']:.2f}x keys-read" if "vs_keys_read" in row else ""
+                    print(f"{name:10s} {dtype_name:8s} L={L:6d} {op:13s} ours {t_ours:9.2f} ms  torch {t_base:9.2f} ms"
+                          f"  speedup {t_base / t_ours:6.2f}x  peak MB ours {m_ours:8.1f} torch {m_base:8.1f}{extra}",
+                          flush=True)
+                del q, k, v, s_ours, pooled, idx, gidx, cases
+                gc.collect()
+    return rows, bw
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--configs", nargs="+", default=["llama3-8b", "lwm-7b"], choices=sorted(CONFIGS))
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
+    p.add_argument("--ops", nargs="*", default=None, help="subset of window_scores pool_scores select_topk compact fused")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--budget", type=int, default=2048)
+    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args()
+    rows, bw = run(args)
+    if args.json:
+        meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
+                    machine=platform.processor() or platform.machine(), copy_bandwidth_gbs=bw,
+                    gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+                    date=time.strftime("%Y-%m-%d"), argv=sys.argv)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
