@@ -3,7 +3,7 @@ and a CUDA build of torch are present.
 
     pip install --no-build-isolation .        # or -e . for development
 
-Environment: SNAPKV_FORCE_CPU=1 skips the CUDA kernels; DEBUG=1 builds with -O0 -g;
+Environment: SNAPKV_FORCE_CPU=1 skips the CUDA kernels; SNAPKV_REQUIRE_CUDA=1 fails without them; DEBUG=1 builds with -O0 -g;
 TORCH_CUDA_ARCH_LIST overrides the default "8.0;9.0"; MAX_JOBS bounds parallel compiles.
 """
 import glob
@@ -39,6 +39,11 @@ def want_cuda() -> bool:
 
 
 def extensions():
+    if os.environ.get("SNAPKV_REQUIRE_CUDA") == "1" and not want_cuda():
+        raise RuntimeError(
+            "SNAPKV_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: need a CUDA build of torch "
+            f"(torch.version.cuda = {torch.version.cuda}) and a CUDA toolkit (CUDA_HOME = {CUDA_HOME})"
+        )
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
     cxx = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
