@@ -9,9 +9,12 @@ window, pool, topk, gather from the repeated cache. Ours selects per KV head wit
     python benchmarks/bench_ops.py --json out.json
 
 Reported per (config, dtype, L): median milliseconds of ours and of torch, torch/ours (the
-speedup), and the peak extra memory of each (CPU: peak RSS growth with every large block
-returned to the OS on free; CUDA: torch's peak allocated bytes). On CUDA also the measured copy
-bandwidth and window_scores' time against the time to read the keys once at that bandwidth.
+speedup), and for each the peak extra memory of one call (outputs included) and its workspace
+(peak minus what the call leaves allocated, i.e. without the outputs). CPU memory is the peak-RSS
+growth measured in a child process whose malloc returns every large block to the OS on free
+(so the counter sees every allocation; timings run in this process with the default malloc);
+CUDA memory is torch's peak allocated bytes. On CUDA also the measured copy bandwidth and
+window_scores' time against the time to read the keys once at that bandwidth.
 """
 from __future__ import annotations
 
@@ -25,12 +28,7 @@ import statistics
 import sys
 import time
 
-# CPU peak memory is read from the kernel's peak-RSS counter. glibc otherwise keeps freed large
-# blocks in its heap (its mmap threshold adapts upward), which would hide later allocations:
-# fix the threshold so every large block is mmap'd and returned on free. Must be set at start.
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
+import subprocess  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -111,7 +109,8 @@ def _status_kb(field):
 
 
 def peak_extra_mb(fn, device):
-    """Peak memory the call needs beyond what exists before it (outputs included)."""
+    """(peak, workspace) MB of one call: peak memory beyond what existed before it (outputs
+    included), and that peak minus what the call leaves allocated (its outputs)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -120,15 +119,68 @@ def peak_extra_mb(fn, device):
         out = fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
+        kept = torch.cuda.memory_allocated() - base
         del out
-        return peak / 2**20
+        return peak / 2**20, (peak - kept) / 2**20
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter to the current RSS
     base = _status_kb("VmRSS")
     out = fn()
     peak = _status_kb("VmHWM") - base
+    kept = _status_kb("VmRSS") - base
     del out
-    return peak / 1024
+    return peak / 1024, (peak - kept) / 1024
+
+
+def make_inputs(name, dtype, L, args, device):
+    H_q, H_kv, D = CONFIGS[name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(args.batch, H_q, args.window, D, generator=g).to(dtype=dtype, device=device)
+    k = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
+    v = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
+    return q, k, v
+
+
+def make_cases(q, k, v, args):
+    """[(op, ours, torch)] callables on prepared inputs."""
+    C, ks, w, D = args.budget, args.kernel, args.window, q.shape[3]
+    s_ours = ops.window_scores(q, k)
+    pooled = ops.pool_scores(s_ours, ks, "max")
+    idx = ops.select_topk(pooled, C - w)
+    gidx = idx[..., None].expand(-1, -1, -1, D)
+    cases = [
+        ("window_scores", lambda: ops.window_scores(q, k), lambda: torch_scores(q, k)),
+        ("pool_scores", lambda: ops.pool_scores(s_ours, ks, "max"),
+         lambda: F.max_pool1d(s_ours, ks, stride=1, padding=ks // 2)),
+        ("select_topk", lambda: ops.select_topk(pooled, C - w),
+         lambda: pooled.topk(C - w, dim=-1).indices.sort(dim=-1).values),
+        ("compact", lambda: ops.compact(k, v, idx, w),
+         lambda: (torch.cat([k[:, :, :-w].gather(2, gidx), k[:, :, -w:]], 2),
+                  torch.cat([v[:, :, :-w].gather(2, gidx), v[:, :, -w:]], 2))),
+        ("fused", lambda: ops.snapkv_compress(q, k, v, C, ks, "max"), lambda: torch_compress(q, k, v, C, ks)),
+    ]
+    return [c for c in cases if not args.ops or c[0] in args.ops]
+
+
+def memory_child(args):
+    """Runs in a child process: prints {op: [ours_peak, ours_ws, torch_peak, torch_ws]} as JSON."""
+    device = torch.device("cpu")
+    q, k, v = make_inputs(args.configs[0], getattr(torch, args.dtypes[0]), args.lengths[0], args, device)
+    res = {}
+    for op, ours, base in make_cases(q, k, v, args):
+        res[op] = [*peak_extra_mb(ours, device), *peak_extra_mb(base, device)]
+    print(json.dumps(res))
+
+
+def cpu_memory(name, dtype_name, L, args):
+    """Measures CPU memory in a fresh child whose malloc mmaps (and unmaps) every block >= 64 KiB:
+    otherwise glibc keeps freed blocks in its heap and the peak-RSS counter misses reuse."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--configs", name, "--dtypes", dtype_name,
+           "--lengths", str(L), "--batch", str(args.batch), "--window", str(args.window), "--budget",
+           str(args.budget), "--kernel", str(args.kernel)] + (["--ops", *args.ops] if args.ops else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def copy_bandwidth_gbs(device, nbytes=1 << 30):
@@ -148,53 +200,31 @@ def run(args):
     if bw:
         print(f"measured copy bandwidth: {bw:.0f} GB/s (read + write)")
     for name in args.configs:
-        H_q, H_kv, D = CONFIGS[name]
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             for L in args.lengths:
-                g = torch.Generator(device="cpu").manual_seed(0)
-                q = torch.randn(args.batch, H_q, args.window, D, generator=g).to(dtype=dtype, device=device)
-                k = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
-                v = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
-                C, ks, w = args.budget, args.kernel, args.window
-                reps = args.reps
-                s_ours = ops.window_scores(q, k)
-                s_torch = torch_scores(q, k)
-                pooled = ops.pool_scores(s_ours, ks, "max")
-                idx = ops.select_topk(pooled, C - w)
-                gidx = idx[..., None].expand(-1, -1, -1, D)
-                cases = [
-                    ("window_scores", lambda: ops.window_scores(q, k), lambda: torch_scores(q, k)),
-                    ("pool_scores", lambda: ops.pool_scores(s_ours, ks, "max"),
-                     lambda: F.max_pool1d(s_ours, ks, stride=1, padding=ks // 2)),
-                    ("select_topk", lambda: ops.select_topk(pooled, C - w),
-                     lambda: pooled.topk(C - w, dim=-1).indices.sort(dim=-1).values),
-                    ("compact", lambda: ops.compact(k, v, idx, w),
-                     lambda: (torch.cat([k[:, :, :-w].gather(2, gidx), k[:, :, -w:]], 2),
-                              torch.cat([v[:, :, :-w].gather(2, gidx), v[:, :, -w:]], 2))),
-                    ("fused", lambda: ops.snapkv_compress(q, k, v, C, ks, "max"),
-                     lambda: torch_compress(q, k, v, C, ks)),
-                ]
-                del s_torch
-                for op, ours, base in cases:
-                    if args.ops and op not in args.ops:
-                        continue
-                    t_ours = median_ms(ours, device, reps)
-                    t_base = median_ms(base, device, reps)
-                    m_ours = peak_extra_mb(ours, device)
-                    m_base = peak_extra_mb(base, device)
+                q, k, v = make_inputs(name, dtype, L, args, device)
+                mem = cpu_memory(name, dtype_name, L, args) if device.type == "cpu" else None
+                for op, ours, base in make_cases(q, k, v, args):
+                    t_ours = median_ms(ours, device, args.reps)
+                    t_base = median_ms(base, device, args.reps)
+                    if mem is not None:
+                        m_ours, ws_ours, m_base, ws_base = mem[op]
+                    else:
+                        (m_ours, ws_ours), (m_base, ws_base) = peak_extra_mb(ours, device), peak_extra_mb(base, device)
                     row = dict(config=name, dtype=dtype_name, L=L, op=op, ours_ms=t_ours, torch_ms=t_base,
-                               speedup=t_base / t_ours, ours_peak_mb=m_ours, torch_peak_mb=m_base)
+                               speedup=t_base / t_ours, ours_peak_mb=m_ours, torch_peak_mb=m_base,
+                               ours_workspace_mb=ws_ours, torch_workspace_mb=ws_base)
                     if bw and op == "window_scores":
                         read_ms = k.numel() * k.element_size() / (bw / 2 * 1e9) * 1e3
                         row["keys_read_ms"] = read_ms
                         row["vs_keys_read"] = t_ours / read_ms
                     rows.append(row)
                     extra = f"  {row['vs_keys_read']:.2f}x keys-read" if "vs_keys_read" in row else ""
-                    print(f"{name:10s} {dtype_name:8s} L={L:6d} {op:13s} ours {t_ours:9.2f} ms  torch {t_base:9.2f} ms"
-                          f"  speedup {t_base / t_ours:6.2f}x  peak MB ours {m_ours:8.1f} torch {m_base:8.1f}{extra}",
-                          flush=True)
-                del q, k, v, s_ours, pooled, idx, gidx, cases
+                    print(f"{name:10s} {dtype_name:8s} L={L:6d} {op:13s} ours {t_ours:8.2f} ms  torch {t_base:8.2f} ms"
+                          f"  speedup {t_base / t_ours:5.2f}x  peak MB ours {m_ours:7.1f} torch {m_base:7.1f}"
+                          f"  workspace MB ours {ws_ours:6.1f} torch {ws_base:7.1f}{extra}", flush=True)
+                del q, k, v
                 gc.collect()
     return rows, bw
 
@@ -212,7 +242,11 @@ def main():
     p.add_argument("--kernel", type=int, default=7)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
     rows, bw = run(args)
     if args.json:
         meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),

@@ -6,6 +6,7 @@
 // Cephes-style polynomial (max relative error ~2 ulp over the range used here).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "common.h"
@@ -19,10 +20,10 @@
 namespace snapkv {
 namespace cpu {
 
-// exp(x) for x <= 88; inputs below -87.3 return ~1e-38 rather than 0 (callers only pass
-// logits minus their row's max or log-sum-exp, where that difference is negligible).
+// exp(x) for x <= 88; 0 below -87.3 (the smallest normal float's log), -inf included.
 inline float exp_fast(float x) {
-  x = x < -87.3365f ? -87.3365f : x;
+  const bool underflow = x < -87.3365f;  // also -inf: exp is 0 there, exactly
+  x = underflow ? -87.3365f : x;
   x = x > 88.0f ? 88.0f : x;
   // Round x*log2(e) to the nearest integer with the 1.5 * 2^23 trick (branch-free, vectorises).
   const float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -37,30 +38,105 @@ inline float exp_fast(float x) {
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
-  return y * __builtin_bit_cast(float, bits);
+  return underflow ? 0.f : y * __builtin_bit_cast(float, bits);
 }
 
-// max of s[0..n) (n >= 1).
-SNAPKV_CPU_CLONES inline float row_max(const float* __restrict__ s, int64_t n) {
-  float m = s[0];
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
+// A block of attention logits, transposed: st[j * ldr + r] = sum_d key(j, d) * qt[d * ldr + r]
+// for keys j < nb and rows r < ldr (ldr a multiple of 32). Register tile: 8 keys x 32 rows,
+// 16 vector accumulators; each key element is broadcast, the queries are loaded as vectors,
+// so the keys need no transpose (only the small query matrix is stored transposed). Keys are
+// float32 or bfloat16 (raw bits, widened in the loop: no conversion pass over the keys).
+template <typename KeyT>
+inline float widen(KeyT x);
+template <>
+inline float widen<float>(float x) { return x; }
+template <>
+inline float widen<uint16_t>(uint16_t x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
 }
 
-// sum of exp(s[j] - m) over j < n.
-SNAPKV_CPU_CLONES inline float row_sum_exp(const float* __restrict__ s, int64_t n, float m) {
+template <typename KeyT>
+__attribute__((always_inline)) inline void block_logits_t_impl(const KeyT* __restrict__ k, int64_t nb, int64_t D,
+                                                               const float* __restrict__ qt, int64_t ldr,
+                                                               float* __restrict__ st) {
+  typedef float v16 __attribute__((vector_size(64)));
+  auto load = [](const float* p) {
+    v16 v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+  };
+  auto store = [](float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); };
+  for (int64_t r0 = 0; r0 < ldr; r0 += 32) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= nb; j0 += 8) {
+      v16 acc[8][2] = {};
+      const KeyT* kr = k + j0 * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const v16 q0 = load(qt + d * ldr + r0), q1 = load(qt + d * ldr + r0 + 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const float kv = widen<KeyT>(kr[i * D + d]);
+          acc[i][0] += kv * q0;
+          acc[i][1] += kv * q1;
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        store(st + (j0 + i) * ldr + r0, acc[i][0]);
+        store(st + (j0 + i) * ldr + r0 + 16, acc[i][1]);
+      }
+    }
+    for (; j0 < nb; ++j0) {  // the last keys of a block, one at a time
+      v16 a0 = {}, a1 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const float kv = widen<KeyT>(k[j0 * D + d]);
+        a0 += kv * load(qt + d * ldr + r0);
+        a1 += kv * load(qt + d * ldr + r0 + 16);
+      }
+      store(st + j0 * ldr + r0, a0);
+      store(st + j0 * ldr + r0 + 16, a1);
+    }
+  }
+}
+
+SNAPKV_CPU_CLONES inline void block_logits_t(const float* __restrict__ k, int64_t nb, int64_t D,
+                                             const float* __restrict__ qt, int64_t ldr, float* __restrict__ st) {
+  block_logits_t_impl<float>(k, nb, D, qt, ldr, st);
+}
+
+// The same with bfloat16 keys given as raw bits.
+SNAPKV_CPU_CLONES inline void block_logits_t_bf16(const uint16_t* __restrict__ k, int64_t nb, int64_t D,
+                                                  const float* __restrict__ qt, int64_t ldr, float* __restrict__ st) {
+  block_logits_t_impl<uint16_t>(k, nb, D, qt, ldr, st);
+}
+
+// Per-row softmax statistics of a transposed logits block st[nb][ldr] over rows r < n:
+// m[r] = max_j st[j][r], l[r] = sum_j exp(st[j][r] - m[r]) (l = 0 where every logit is -inf).
+SNAPKV_CPU_CLONES inline void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
+                                              float* __restrict__ m, float* __restrict__ l) {
+  for (int64_t r = 0; r < n; ++r) m[r] = -INFINITY;
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* row = st + j * ldr;
+#pragma omp simd
+    for (int64_t r = 0; r < n; ++r) m[r] = row[r] > m[r] ? row[r] : m[r];
+  }
+  for (int64_t r = 0; r < n; ++r) l[r] = 0.f;
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* row = st + j * ldr;
+#pragma omp simd
+    for (int64_t r = 0; r < n; ++r) {
+      const float ref = m[r] == -INFINITY ? 0.f : m[r];
+      l[r] += exp_fast(row[r] - ref);
+    }
+  }
+}
+
+// sum over i < n of exp(s[i] - lse[i]).
+SNAPKV_CPU_CLONES inline float sum_probs(const float* __restrict__ s, const float* __restrict__ lse, int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += exp_fast(s[j] - m);
+  for (int64_t i = 0; i < n; ++i) acc += exp_fast(s[i] - lse[i]);
   return acc;
-}
-
-// acc[j] += exp(s[j] - lse) for j < n.
-SNAPKV_CPU_CLONES inline void add_probs(const float* __restrict__ s, int64_t n, float lse,
-                                        float* __restrict__ acc) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) acc[j] += exp_fast(s[j] - lse);
 }
 
 // acc[j] = pool_combine(mode, acc[j], x[j]) for j < n.

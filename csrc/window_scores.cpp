@@ -1,12 +1,14 @@
-// CPU window scoring: the softmax votes of the window queries, per KV head, without ever
-// holding more than one block of attention logits per worker.
+// CPU window scoring: the softmax votes of the window queries, per KV head, without the
+// [B, H_q, w, L] attention matrix.
 //
-// For each (batch row, KV head) the G*w window queries of the group are scored against the keys
-// one block of kBlock keys at a time (an fp32 GEMM on the block, then vectorised exp):
-//   pass 1: every row's softmax statistics (max, sum) over the keys it sees;
-//   pass 2: for the prefix keys only, add exp(logit - lse) into the head's vote, combine groups.
-// Extra memory per worker: the fp32 queries of one group and one [G*w, kBlock] block, i.e.
-// O(B*H_kv*L) at most, never the [B, H_q, w, L] attention matrix.
+// For each (batch row, KV head) the R = G*w window queries of the group are scored against the
+// keys one block of kBlock keys at a time (a register-tiled fp32 micro-kernel writing the block's
+// logits transposed, [keys, rows], so that per-row statistics vectorise over rows):
+//   pass 1: every row's softmax statistics (max, sum) over the keys it sees, merged per block;
+//   pass 2: for the prefix keys, sum exp(logit - lse) over each head's window, combine groups.
+// Pass 2 needs pass 1's log-sum-exp, so the logits are either recomputed (extra memory per worker:
+// one [kBlock, R] block) or, when it fits the O(B*H_kv*L) budget, kept from pass 1 (one [L, R]
+// buffer per worker, used only while workers * R <= 2 * B * H_kv, e.g. full multi-head attention).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -19,7 +21,9 @@
 namespace snapkv {
 namespace {
 
-constexpr int64_t kBlock = 512;
+constexpr int64_t kBlock = 256;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace
 
@@ -30,74 +34,79 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   const GroupReduce reduce = parse_group_reduce(group_reduce);
   const float scale = resolve_scale(scale_opt, s.D);
   const int64_t G = s.group(), R = G * s.w, N = s.L - s.w, D = s.D, L = s.L, w = s.w;
+  const int64_t ldr = round_up(R, 32);
 
-  // [B, H_kv, G*w, D] fp32, pre-scaled: row (g, i) is query head kv*G + g, window query i.
-  const at::Tensor q = (q_window.to(at::kFloat) * scale).contiguous().view({s.B, s.Hkv, R, D});
+  // qt[b, kv, d, r]: pre-scaled fp32 queries, transposed, rows padded with zeros to ldr. Row
+  // r = g*w + i is query head kv*G + g, window query i.
+  at::Tensor qt = at::zeros({s.B, s.Hkv, D, ldr}, q_window.options().dtype(at::kFloat));
+  qt.narrow(3, 0, R).copy_((q_window.to(at::kFloat) * scale).reshape({s.B, s.Hkv, R, D}).transpose(2, 3));
   const at::Tensor k = keys.contiguous();
-  const bool keys_fp32 = k.scalar_type() == at::kFloat;
-  at::Tensor out = at::zeros({s.B, s.Hkv, N}, q.options());
+  at::Tensor out = at::zeros({s.B, s.Hkv, N}, qt.options());
   std::vector<int64_t> pad(s.B, 0);
   if (pad_lengths.has_value()) {
     auto p = pad_lengths->cpu();
     for (int64_t b = 0; b < s.B; ++b) pad[b] = p[b].item<int64_t>();
   }
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), s.B * s.Hkv);
+  const bool keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
 
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    auto f32 = q.options();
-    at::Tensor logits = at::empty({R, kBlock}, f32);
-    at::Tensor kbuf = keys_fp32 ? at::Tensor() : at::empty({kBlock, D}, f32);
+    auto f32 = qt.options();
+    at::Tensor logits = at::empty({(keep_logits ? round_up(L, kBlock) : kBlock) * ldr}, f32);
+    at::Tensor kbuf = k.scalar_type() == at::kHalf ? at::empty({kBlock, D}, f32) : at::Tensor();
     std::vector<SoftmaxStat> stat(R);
-    std::vector<float> lse(R), vote(kBlock);
+    std::vector<float> lse(R), bm(R), bl(R);
     float* lg = logits.data_ptr<float>();
 
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.Hkv, h = bh % s.Hkv, p0 = pad[b];
-      const at::Tensor qh = q[b][h];    // [R, D]
-      const at::Tensor kh = k[b][h];    // [L, D]
+      const int64_t b = bh / s.Hkv, p0 = pad[b];
+      const float* qh = qt.data_ptr<float>() + bh * D * ldr;
+      const at::Tensor kh = k[b][bh % s.Hkv];  // [L, D]
       float* o = out.data_ptr<float>() + bh * N;
 
-      // logits[r, j - j0] = q_r . k_j for j in [j0, j1).
-      auto block_logits = [&](int64_t j0, int64_t j1) {
+      // Transposed logits of keys [j0, j1): st[(j - j0) * ldr + r].
+      auto block_logits = [&](int64_t j0, int64_t j1, float* st) {
         const int64_t nb = j1 - j0;
-        at::Tensor kb = kh.narrow(0, j0, nb);
-        if (!keys_fp32) kb = kbuf.narrow(0, 0, nb).copy_(kb);
-        at::Tensor lt = logits.narrow(1, 0, nb);
-        at::mm_out(lt, qh, kb.t());
-        return lt.stride(0);
+        if (k.scalar_type() == at::kFloat) {
+          cpu::block_logits_t(kh.data_ptr<float>() + j0 * D, nb, D, qh, ldr, st);
+        } else if (k.scalar_type() == at::kBFloat16) {
+          const auto* kb = reinterpret_cast<const uint16_t*>(kh.data_ptr<at::BFloat16>());
+          cpu::block_logits_t_bf16(kb + j0 * D, nb, D, qh, ldr, st);
+        } else {  // float16: widen one block into kbuf
+          kbuf.narrow(0, 0, nb).copy_(kh.narrow(0, j0, nb));
+          cpu::block_logits_t(kbuf.data_ptr<float>(), nb, D, qh, ldr, st);
+        }
       };
+      auto block_ptr = [&](int64_t j0) { return keep_logits ? lg + (j0 - p0) * ldr : lg; };
 
       // Pass 1: softmax statistics of every row over the keys it sees.
       for (int64_t r = 0; r < R; ++r) stat[r] = stat_empty();
       for (int64_t j0 = p0; j0 < L; j0 += kBlock) {
         const int64_t j1 = std::min(L, j0 + kBlock);
-        const int64_t ld = block_logits(j0, j1);
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t i = r % w;
-          // Visible keys of row r inside the block form one range: [j0, min(j1, L - w + i + 1)).
-          const int64_t hi = std::min(j1, L - w + i + 1);
-          if (hi <= j0) continue;
-          const float* row = lg + r * ld;
-          const float m = cpu::row_max(row, hi - j0);
-          stat[r] = stat_merge(stat[r], SoftmaxStat{m, cpu::row_sum_exp(row, hi - j0, m)});
-        }
+        float* st = block_ptr(j0);
+        block_logits(j0, j1, st);
+        // Inside the window, query i does not see the keys after it (causal).
+        for (int64_t j = std::max(j0, N); j < j1; ++j)
+          for (int64_t r = 0; r < R; ++r)
+            if (!key_visible(j, r % w, L, w, p0)) st[(j - j0) * ldr + r] = neg_inf();
+        cpu::block_row_stats(st, j1 - j0, ldr, R, bm.data(), bl.data());
+        for (int64_t r = 0; r < R; ++r)
+          if (bl[r] > 0.f) stat[r] = stat_merge(stat[r], SoftmaxStat{bm[r], bl[r]});
       }
       for (int64_t r = 0; r < R; ++r) lse[r] = stat_lse(stat[r]);
 
       // Pass 2: votes of the prefix keys (all visible to every window query), per group head.
       for (int64_t j0 = p0; j0 < N; j0 += kBlock) {
-        const int64_t j1 = std::min(N, j0 + kBlock), nb = j1 - j0;
-        const int64_t ld = block_logits(j0, j1);
-        for (int64_t j = 0; j < nb; ++j) o[j0 + j] = group_init(reduce);
-        for (int64_t g = 0; g < G; ++g) {
-          std::fill(vote.begin(), vote.begin() + nb, 0.f);
-          for (int64_t i = 0; i < w; ++i) {
-            const int64_t r = g * w + i;
-            cpu::add_probs(lg + r * ld, nb, lse[r], vote.data());
-          }
-          for (int64_t j = 0; j < nb; ++j)
-            o[j0 + j] = group_combine(reduce, o[j0 + j], vote[j] / static_cast<float>(w));
+        const int64_t j1 = std::min(N, j0 + kBlock);
+        float* st = block_ptr(j0);
+        if (!keep_logits) block_logits(j0, j1, st);
+        for (int64_t j = j0; j < j1; ++j) {
+          const float* row = st + (j - j0) * ldr;
+          float acc = group_init(reduce);
+          for (int64_t g = 0; g < G; ++g)
+            acc = group_combine(reduce, acc, cpu::sum_probs(row + g * w, lse.data() + g * w, w) / static_cast<float>(w));
+          o[j] = group_finish(reduce, acc, G);
         }
-        for (int64_t j = 0; j < nb; ++j) o[j0 + j] = group_finish(reduce, o[j0 + j], G);
       }
     }
   });
