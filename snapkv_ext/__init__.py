@@ -18,6 +18,8 @@ from .ops import (
 )
 
 __all__ = [
+    "SnapKVCache",
+    "SnapKVConfig",
     "compact",
     "compact_into",
     "has_cuda_kernels",
@@ -29,3 +31,12 @@ __all__ = [
     "window_scores",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The cache needs transformers; the ops do not. Import it on first use.
+    if name in ("SnapKVCache", "SnapKVConfig"):
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'snapkv_ext' has no attribute {name!r}")
