@@ -238,6 +238,11 @@ class SnapKVLayer(CacheLayerMixin):
             )
         pending = cache._pending.pop(self.layer_idx, None)
         cfg = cache.config
+        if pending is None and cache._should_compress(self, n):
+            # The pre-attention hook did not run: the model is not the one the cache was made for.
+            raise ValueError(
+                f"this SnapKVCache was built for another model ({cache._model_name}); create one per model"
+            )
         if self.physical == 0:
             positions = torch.arange(n, device=key_states.device).expand(B, H, n)
             if pending is not None:
@@ -372,24 +377,30 @@ class SnapKVCache(Cache):
             )
         layer = self.layers[module.layer_idx]
         n = hidden_states.shape[1]
-        cfg = self.config
-        w = cfg.window_size
-        if layer.physical == 0:
-            budget = cfg.budget(n)
-            if n <= budget:
-                return  # the prompt fits: nothing is dropped, the cache is exact
-        else:
-            if n == 1 or not cfg.recompress or n <= w:
-                return
-            budget = cfg.budget(layer.logical + n)
-            if layer.physical + n <= budget:
-                return
+        budget = self._should_compress(layer, n)
+        if not budget:
+            return
+        w = self.config.window_size
         if position_embeddings is None:
             raise ValueError(f"SnapKVCache: {type(module).__name__} was called without position_embeddings")
         with torch.no_grad():
             q = window_queries(module, hidden_states, position_embeddings, w)
             pad = _masked_prefix(attention_mask, hidden_states.shape[0], layer.physical + n, hidden_states.device)
         self._pending[module.layer_idx] = (q, pad, budget)
+
+    def _should_compress(self, layer: SnapKVLayer, n: int) -> int:
+        """The budget if appending `n` tokens to `layer` compresses, else 0. A first prefill
+        compresses when it exceeds the budget (otherwise the cache is exact); a later prefill
+        (a new turn) re-selects when recompress is on, it is longer than the window, and the
+        cache would exceed the budget."""
+        cfg = self.config
+        if layer.physical == 0:
+            budget = cfg.budget(n)
+            return budget if n > budget else 0
+        if n == 1 or not cfg.recompress or n <= cfg.window_size:
+            return 0
+        budget = cfg.budget(layer.logical + n)
+        return budget if layer.physical + n > budget else 0
 
     def _compress(self, q_window: Tensor, keys: Tensor, values: Tensor, budget: int, pad: Optional[Tensor]):
         cfg = self.config
