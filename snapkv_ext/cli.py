@@ -1,0 +1,300 @@
+"""The `snapkv-ext` command line (also `python -m snapkv_ext`).
+
+    snapkv-ext demo                      SnapKV vs the full cache on the embedded SmolLM2
+    snapkv-ext generate --file DOC ...   answer a question about any text file
+    snapkv-ext bench                     decoding speed and KV memory against prompt length (JSON + PNG)
+    snapkv-ext eval needle               needle-in-a-haystack heatmaps (JSON + PNG)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- shared set-up
+
+
+def _common(p: argparse.ArgumentParser, out_default: str = "snapkv-out") -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=out_default, help="output folder (default %(default)s)")
+    p.add_argument("--model", default=None, help="a local Transformers model directory (default: embedded SmolLM2)")
+    p.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
+
+
+def _snap_args(p: argparse.ArgumentParser, budget_default: Optional[int] = None) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", type=int, default=budget_default, help="kept prompt tokens per KV head (window included)")
+    g.add_argument("--ratio", type=float, default=None, help="fraction of the prompt kept, in (0, 1]")
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--pooling", default="max", choices=["max", "avg"])
+
+
+def _setup(args):
+    import torch
+
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available on this machine")
+        import snapkv_ext
+
+        if not snapkv_ext.has_cuda_kernels():
+            raise UserError("--device cuda: snapkv_ext was built without its CUDA kernels (rebuild with a CUDA toolkit)")
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+
+
+def _load(args):
+    import torch
+
+    from . import models
+
+    dtype = getattr(torch, args.dtype)
+    if args.model is None and args.gguf_file is None:
+        if args.device == "cpu" and dtype == torch.float32:
+            return models.smollm2()
+        return models.load_model(dtype=dtype, device=args.device)
+    if args.model is None:
+        raise UserError("--gguf-file needs --model DIR (the folder holding the file)")
+    if not os.path.isdir(args.model):
+        raise UserError(f"--model: no such directory: {args.model}")
+    if args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+        raise UserError(f"--gguf-file: {args.gguf_file} not found in {args.model}")
+    try:
+        return models.load_model(args.model, args.gguf_file, dtype=dtype, device=args.device)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
+
+
+def _check_budget(model, args, prompt_len: Optional[int] = None) -> None:
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if args.budget is not None:
+        if args.budget <= args.window:
+            raise UserError(f"--budget ({args.budget}) must be larger than --window ({args.window})")
+        if ctx and args.budget > ctx:
+            raise UserError(f"--budget ({args.budget}) is larger than the model's context ({ctx} tokens)")
+    if args.ratio is not None and not 0 < args.ratio <= 1:
+        raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if args.kernel < 1 or args.kernel % 2 == 0:
+        raise UserError(f"--kernel must be a positive odd integer, got {args.kernel}")
+    if prompt_len and ctx and prompt_len > ctx:
+        raise UserError(f"the prompt has {prompt_len} tokens, more than the model's context ({ctx})")
+
+
+def _method(args):
+    from .evaluate import Method
+
+    if args.ratio is not None:
+        return Method(f"snapkv-{int(round(args.ratio * 100))}%", ratio=args.ratio, window=args.window,
+                      kernel=args.kernel, pooling=args.pooling)
+    return Method(f"snapkv-{args.budget}", budget=args.budget, window=args.window, kernel=args.kernel,
+                  pooling=args.pooling)
+
+
+def _table(rows: List[List[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _compare(model, tok, ids, methods, max_new_tokens, progress=True):
+    from .evaluate import generate
+
+    results = []
+    for m in methods:
+        results.append((m, generate(model, tok, ids, m, max_new_tokens=max_new_tokens, progress=progress, label=m.name)))
+    rows = [["cache", "answer", "KV MB", "compression", "prefill s", "decode tok/s"]]
+    for m, r in results:
+        answer = " ".join(r.text.split())
+        rows.append([m.name, (answer[:60] + "...") if len(answer) > 63 else answer, f"{r.kv_bytes / 2**20:.1f}",
+                     f"{r.compression_ratio:.1f}x", f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}"])
+    return results, _table(rows)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_demo(args) -> int:
+    from .haystack import chat_ids, needle_case, retrieved
+
+    _setup(args)
+    model, tok = _load(args)
+    _check_budget(model, args)
+    case = needle_case(tok, args.length, args.depth, seed=args.seed)
+    ids = chat_ids(tok, case.prompt)
+    print(f"Document: {ids.shape[1]} tokens of the project's own haystack with a pass key hidden at "
+          f"{int(100 * args.depth)}% depth. Question: What is the pass key? (answer: {case.answer})\n", flush=True)
+    from .evaluate import Method
+
+    methods = [Method.full(), _method(args)]
+    results, table = _compare(model, tok, ids, methods, args.max_new_tokens)
+    print(table)
+    full, snap = results[0][1], results[1][1]
+    print(f"\nSnapKV keeps {snap.kv_bytes / 2**20:.1f} MB of KV instead of {full.kv_bytes / 2**20:.1f} MB "
+          f"({full.kv_bytes / snap.kv_bytes:.1f}x smaller); pass key retrieved: full "
+          f"{'yes' if retrieved(full.text, case.answer) else 'no'}, SnapKV {'yes' if retrieved(snap.text, case.answer) else 'no'}.")
+    with open(os.path.join(args.out, "demo.json"), "w") as f:
+        json.dump({m.name: dict(answer=r.text, kv_bytes=r.kv_bytes, prefill_s=r.prefill_s,
+                                decode_tokens_per_s=r.decode_tokens_per_s, prompt_tokens=r.prompt_tokens)
+                   for m, r in results}, f, indent=1)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .haystack import chat_ids
+
+    if not os.path.isfile(args.file):
+        raise UserError(f"--file: no such file: {args.file}")
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            doc = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"--file: {args.file} is not UTF-8 text")
+    if not doc.strip():
+        raise UserError(f"--file: {args.file} is empty")
+    _setup(args)
+    model, tok = _load(args)
+    question = args.question or "Summarize the text above in a few sentences."
+    text = doc.strip() + "\n\n" + question
+    ids = chat_ids(tok, text) if getattr(tok, "chat_template", None) else tok(text, return_tensors="pt")["input_ids"]
+    _check_budget(model, args, ids.shape[1])
+    from .evaluate import Method
+
+    methods = [_method(args)] + ([Method.full()] if args.compare else [])
+    results, table = _compare(model, tok, ids, methods, args.max_new_tokens)
+    for m, r in results:
+        print(f"[{m.name}] {r.text.strip()}\n")
+    print(table)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .evaluate import decode_bench, parse_methods, plot_bench
+
+    _setup(args)
+    model, tok = _load(args)
+    for b in args.budgets:
+        if b <= args.window:
+            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and max(args.lengths) > ctx:
+        raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
+    methods = parse_methods(args.budgets, [], args.window, args.kernel, args.pooling)
+    res = decode_bench(model, tok, args.lengths, methods, steps=args.steps, reps=args.reps, progress=True)
+    res["device"], res["dtype"] = args.device, args.dtype
+    path = os.path.join(args.out, "bench.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    png = plot_bench(res, os.path.join(args.out, "bench.png"))
+    rows = [["method", "prompt tokens", "ms/token", "prefill s", "KV MB"]]
+    for r in res["rows"]:
+        rows.append([r["method"], r["prompt_tokens"], f"{r['ms_per_token']:.2f}", f"{r['prefill_s']:.2f}",
+                     f"{r['kv_mb']:.1f}"])
+    print(_table(rows))
+    print(f"\nwrote {path} and {png}")
+    return 0
+
+
+def cmd_eval_needle(args) -> int:
+    from .evaluate import needle_eval, parse_methods, plot_needle
+
+    _setup(args)
+    model, tok = _load(args)
+    for b in args.budgets:
+        if b <= args.window:
+            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
+    for r in args.ratios:
+        if not 0 < r <= 1:
+            raise UserError(f"--ratios: {r} is not in (0, 1]")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and max(args.lengths) > ctx:
+        raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
+    methods = parse_methods(args.budgets, args.ratios, args.window, args.kernel, args.pooling)
+    res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
+    path = os.path.join(args.out, "needle.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    pngs = plot_needle(res, os.path.join(args.out, "needle"))
+    rows = [["method", "retrieved"]] + [[k, f"{v}/{res['cases']}"] for k, v in res["summary"].items()]
+    print(_table(rows))
+    print(f"\nwrote {path} and " + ", ".join(pngs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapkv-ext", description="SnapKV KV-cache compression: demo, generation, "
+                                "benchmarks and evaluations on a real model.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="SnapKV vs the full cache on the embedded SmolLM2")
+    _common(d)
+    _snap_args(d, budget_default=512)
+    d.add_argument("--length", type=int, default=2000, help="document length in tokens (default 2000)")
+    d.add_argument("--depth", type=float, default=0.5, help="where the fact is hidden, 0..1 (default 0.5)")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="answer a question about a text file")
+    _common(g)
+    _snap_args(g, budget_default=1024)
+    g.add_argument("--file", required=True, help="a UTF-8 text file")
+    g.add_argument("--question", default=None)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--compare", action="store_true", help="also answer with the full cache")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="decoding speed and KV memory against prompt length")
+    _common(b)
+    b.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    b.add_argument("--budgets", type=int, nargs="+", default=[256])
+    b.add_argument("--window", type=int, default=32)
+    b.add_argument("--kernel", type=int, default=7)
+    b.add_argument("--pooling", default="max", choices=["max", "avg"])
+    b.add_argument("--steps", type=int, default=16, help="decoded tokens per run")
+    b.add_argument("--reps", type=int, default=3)
+    b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="evaluations")
+    esub = e.add_subparsers(dest="evaluation", required=True)
+    n = esub.add_parser("needle", help="needle-in-a-haystack: prompt lengths x depths, per method")
+    _common(n)
+    n.add_argument("--lengths", type=int, nargs="+", default=[500, 1000, 2000])
+    n.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    n.add_argument("--budgets", type=int, nargs="*", default=[])
+    n.add_argument("--ratios", type=float, nargs="*", default=[0.25])
+    n.add_argument("--window", type=int, default=16)
+    n.add_argument("--kernel", type=int, default=5)
+    n.add_argument("--pooling", default="max", choices=["max", "avg"])
+    n.set_defaults(func=cmd_eval_needle)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"snapkv-ext: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

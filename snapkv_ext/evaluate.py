@@ -1,0 +1,270 @@
+"""Generation with timing and progress, the needle-in-a-haystack evaluation and the decoding
+benchmark behind the `snapkv-ext` command line, with their plots."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .cache import SnapKVCache
+from .haystack import chat_ids, needle_case, retrieved
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Method:
+    """A cache to compare: the full DynamicCache, or SnapKV at a budget (tokens) or ratio."""
+
+    name: str
+    budget: Optional[int] = None
+    ratio: Optional[float] = None
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+
+    @staticmethod
+    def full() -> "Method":
+        return Method("full")
+
+    @property
+    def is_full(self) -> bool:
+        return self.budget is None and self.ratio is None
+
+    def make_cache(self, model, prompt_len: int):
+        from transformers import DynamicCache
+
+        if self.is_full:
+            return DynamicCache()
+        window = min(self.window, max(1, (self.budget or prompt_len) - 1))
+        return SnapKVCache(model, max_capacity_prompt=self.budget, compression_ratio=self.ratio,
+                           window_size=window, kernel_size=self.kernel, pooling=self.pooling)
+
+
+def parse_methods(budgets: Sequence[int] = (), ratios: Sequence[float] = (), window=32, kernel=7,
+                  pooling="max") -> List[Method]:
+    methods = [Method.full()]
+    methods += [Method(f"snapkv-{b}", budget=b, window=window, kernel=kernel, pooling=pooling) for b in budgets]
+    methods += [Method(f"snapkv-{int(round(r * 100))}%", ratio=r, window=window, kernel=kernel, pooling=pooling)
+                for r in ratios]
+    return methods
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: List[int]
+    prefill_s: float
+    decode_tokens_per_s: float
+    kv_bytes: int
+    full_kv_bytes: int
+    prompt_tokens: int
+    extra: Dict = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.full_kv_bytes / self.kv_bytes if self.kv_bytes else 1.0
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, SnapKVCache):
+        return cache.stats()["kv_bytes"]
+    return sum(2 * lay.keys.numel() * lay.keys.element_size() for lay in cache.layers if lay.keys is not None)
+
+
+@contextlib.contextmanager
+def _layer_progress(model, callback: Optional[Callable[[], None]]):
+    """Calls `callback` after each decoder layer's forward (prefill progress), then removes the hooks."""
+    handles = []
+    if callback is not None:
+        layers = getattr(getattr(model, "model", model), "layers", [])
+        def hook(*_):
+            callback()  # returns None: a forward hook's return value would replace the output
+
+        handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_tokens: int = 32,
+             progress: bool = False, label: str = "") -> GenerationResult:
+    """Greedy generation of one prompt with timing: prefill (the whole prompt in one forward,
+    each layer compressed right after its attention) and a decoding loop."""
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    L = ids.shape[1]
+    cache = method.make_cache(model, L)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        n_layers = len(getattr(getattr(model, "model", model), "layers", []))
+        bar = tqdm(total=n_layers, desc=f"{label} prefill {L} tokens", unit="layer", leave=False)
+    eos = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+    eos_id = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(eos_id, int):
+        eos = {eos_id}
+    elif isinstance(eos_id, (list, tuple)):
+        eos = set(eos_id)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        with _layer_progress(model, bar.update if bar else None):
+            logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        if bar:
+            bar.close()
+        kv = cache_bytes(cache)
+        full_kv = cache.stats()["full_kv_bytes"] if isinstance(cache, SnapKVCache) else kv
+        tok = logits[:, -1:].argmax(-1)
+        out = [int(tok)]
+        dbar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            dbar = tqdm(total=max_new_tokens, desc=f"{label} decoding", unit="tok", leave=False)
+            dbar.update(1)
+        t1 = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if out[-1] in eos:
+                break
+            logits = model(tok, past_key_values=cache, use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+            out.append(int(tok))
+            if dbar:
+                dbar.update(1)
+        _sync(device)
+        decode_s = time.perf_counter() - t1
+        if dbar:
+            dbar.close()
+    steps = len(out) - 1
+    text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
+    return GenerationResult(text=text, tokens=out, prefill_s=prefill_s,
+                            decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else float("nan"),
+                            kv_bytes=kv, full_kv_bytes=full_kv, prompt_tokens=L)
+
+
+# ---------------------------------------------------------------- needle in a haystack
+
+
+def needle_eval(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], methods: Sequence[Method],
+                max_new_tokens: int = 14, seed: int = 0, progress: bool = False) -> Dict:
+    """Pass-key retrieval for every (length, depth) and method. Returns a JSON-able dict."""
+    results = {m.name: [[None] * len(depths) for _ in lengths] for m in methods}
+    budgets = {m.name: dict(budget=m.budget, ratio=m.ratio) for m in methods}
+    cells = [(i, n, j, d) for i, n in enumerate(lengths) for j, d in enumerate(depths)]
+    it = cells
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(cells, desc="needle", unit="case")
+    prompt_tokens = {}
+    for i, n, j, d in it:
+        case = needle_case(tokenizer, n, d, seed=seed)
+        ids = chat_ids(tokenizer, case.prompt)
+        prompt_tokens[n] = ids.shape[1]
+        for m in methods:
+            r = generate(model, tokenizer, ids, m, max_new_tokens=max_new_tokens)
+            results[m.name][i][j] = bool(retrieved(r.text, case.answer))
+    summary = {name: sum(sum(bool(x) for x in row) for row in grid) for name, grid in results.items()}
+    return dict(lengths=list(lengths), prompt_tokens=[prompt_tokens[n] for n in lengths], depths=list(depths),
+                methods=budgets, retrieved=results, summary=summary, cases=len(cells))
+
+
+def plot_needle(res: Dict, path_prefix: str) -> List[str]:
+    """One heatmap per method (green = retrieved), the field's classic figure. Returns paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    paths = []
+    for name, grid in res["retrieved"].items():
+        data = torch.tensor([[1.0 if x else 0.0 for x in row] for row in grid]).T.numpy()  # depth x length
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(res["lengths"]), 1.2 + 0.5 * len(res["depths"])), dpi=100)
+        ax.imshow(data, cmap=ListedColormap(["#d9534f", "#5cb85c"]), vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(res["lengths"])), [str(t) for t in res["prompt_tokens"]])
+        ax.set_yticks(range(len(res["depths"])), [f"{int(100 * d)}%" for d in res["depths"]])
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{name}: {res['summary'][name]}/{res['cases']} retrieved")
+        ax.set_xticks([x - 0.5 for x in range(1, len(res["lengths"]))], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(1, len(res["depths"]))], minor=True)
+        ax.grid(which="minor", color="white", linewidth=2)
+        ax.tick_params(which="minor", length=0)
+        fig.tight_layout()
+        path = f"{path_prefix}_{name.replace('%', 'pct')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- decoding benchmark
+
+
+def decode_bench(model, tokenizer, lengths: Sequence[int], methods: Sequence[Method], steps: int = 16,
+                 reps: int = 3, progress: bool = False) -> Dict:
+    """ms per decoded token and KV MB against prompt length, per method (median of `reps`)."""
+    from .haystack import haystack
+
+    device = next(model.parameters()).device
+    rows = []
+    cells = [(n, m) for n in lengths for m in methods]
+    it = cells
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(cells, desc="bench", unit="run")
+    for n, m in it:
+        text = " ".join(haystack(n // 12 + 20))
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :n].to(device)
+        ms, mb, pre = [], None, []
+        for _ in range(reps):
+            r = generate(model, None, ids, m, max_new_tokens=steps)
+            ms.append(1e3 / r.decode_tokens_per_s)
+            pre.append(r.prefill_s)
+            mb = r.kv_bytes / 2**20
+        rows.append(dict(method=m.name, prompt_tokens=int(ids.shape[1]), ms_per_token=statistics.median(ms),
+                         prefill_s=statistics.median(pre), kv_mb=mb))
+    return dict(rows=rows, methods=[m.name for m in methods], steps=steps, reps=reps)
+
+
+def plot_bench(res: Dict, path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for name in res["methods"]:
+        pts = [r for r in res["rows"] if r["method"] == name]
+        x = [r["prompt_tokens"] for r in pts]
+        a.plot(x, [r["ms_per_token"] for r in pts], marker="o", label=name)
+        b.plot(x, [r["kv_mb"] for r in pts], marker="o", label=name)
+    a.set_title("decoding time")
+    a.set_xlabel("prompt length (tokens)")
+    a.set_ylabel("ms per token")
+    b.set_title("KV cache memory")
+    b.set_xlabel("prompt length (tokens)")
+    b.set_ylabel("MB")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
