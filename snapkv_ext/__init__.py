@@ -20,6 +20,7 @@ from .ops import (
 __all__ = [
     "SnapKVCache",
     "SnapKVConfig",
+    "SnapKVDocument",
     "compact",
     "compact_into",
     "has_cuda_kernels",
@@ -39,4 +40,8 @@ def __getattr__(name):
         from . import cache
 
         return getattr(cache, name)
+    if name == "SnapKVDocument":
+        from .document import SnapKVDocument
+
+        return SnapKVDocument
     raise AttributeError(f"module 'snapkv_ext' has no attribute {name!r}")

@@ -188,6 +188,20 @@ class SnapKVLayer(CacheLayerMixin):
         self._kbuf: Optional[Tensor] = None
         self._vbuf: Optional[Tensor] = None
         self.compressions = 0
+        # A document's full KV kept outside the working cache (SnapKVDocument): attended to and
+        # selected from by the next prefill, then dropped from this layer.
+        self.backing: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+
+    def attach_document(self, keys: Tensor, values: Tensor, q_tail: Tensor) -> None:
+        """Back this empty layer with a document's full KV ``[1, H_kv, L, D]`` (any device) and
+        the post-RoPE queries of its last tokens ``[1, H_q, w, D]``."""
+        self.reset()
+        self.backing = (keys, values, q_tail)
+        self.logical = keys.shape[2]
+
+    def visible_length(self) -> int:
+        """Entries the next forward attends to before its own tokens."""
+        return self.physical + (self.backing[0].shape[2] if self.backing is not None else 0)
 
     # -- storage
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -243,6 +257,8 @@ class SnapKVLayer(CacheLayerMixin):
             raise ValueError(
                 f"this SnapKVCache was built for another model ({cache._model_name}); create one per model"
             )
+        if self.backing is not None:
+            return self._update_from_document(key_states, value_states, pending)
         if self.physical == 0:
             positions = torch.arange(n, device=key_states.device).expand(B, H, n)
             if pending is not None:
@@ -275,10 +291,36 @@ class SnapKVLayer(CacheLayerMixin):
         self.logical += n
         return self.keys, self.values
 
+    def _update_from_document(self, key_states: Tensor, value_states: Tensor, pending) -> Tuple[Tensor, Tensor]:
+        """First prefill after a document: attend to the document's full KV (brought in for this
+        layer only) plus the new tokens, then keep what SnapKV selects over both."""
+        cache, cfg = self._cache, self._cache.config
+        B, H, n, _ = key_states.shape
+        if B != 1:
+            raise ValueError("a document-backed SnapKVCache takes one question at a time "
+                             "(SnapKVDocument.generate batches several)")
+        dk, dv, _ = self.backing
+        dev = key_states.device
+        k_all = torch.cat([dk.to(dev, non_blocking=True), key_states], dim=2)
+        v_all = torch.cat([dv.to(dev, non_blocking=True), value_states], dim=2)
+        total = k_all.shape[2]
+        if pending is not None:
+            q_window, pad, budget = pending
+            kc, vc, pos = cache._compress(q_window, k_all, v_all, budget, pad)
+            self._store(kc, vc, pos, cfg.decode_reserve)
+            self.compressions += 1
+        else:
+            self._store(k_all, v_all, torch.arange(total, device=dev).expand(B, H, total), cfg.decode_reserve)
+        self.backing = None
+        self.logical = total
+        cache._track_prefill(self, k_all, v_all)
+        return k_all, v_all
+
     def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
         # Physical slot p sits at 2D-mask (logical) index p + offset: compression keeps the
         # newest prompt entries at the end and a padded row's padding at the front.
-        return self.physical + query_length, self.logical - self.physical
+        visible = self.visible_length()
+        return visible + query_length, self.logical - visible
 
     def get_seq_length(self) -> int:
         return self.logical
@@ -288,6 +330,7 @@ class SnapKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.physical = self.logical = 0
+        self.backing = None
         self.positions = self._kbuf = self._vbuf = self.keys = self.values = None
         self.is_initialized = False
         self.compressions = 0
@@ -384,8 +427,16 @@ class SnapKVCache(Cache):
         if position_embeddings is None:
             raise ValueError(f"SnapKVCache: {type(module).__name__} was called without position_embeddings")
         with torch.no_grad():
-            q = window_queries(module, hidden_states, position_embeddings, w)
-            pad = _masked_prefix(attention_mask, hidden_states.shape[0], layer.physical + n, hidden_states.device)
+            if layer.backing is not None and n < w:
+                # A question shorter than the window: the window reaches into the document,
+                # whose last queries were kept when it was read.
+                q_tail = layer.backing[2].to(hidden_states.device)
+                q = torch.cat([q_tail[:, :, q_tail.shape[2] - (w - n):],
+                               window_queries(module, hidden_states, position_embeddings, n)], dim=2)
+            else:
+                q = window_queries(module, hidden_states, position_embeddings, w)
+            pad = _masked_prefix(attention_mask, hidden_states.shape[0], layer.visible_length() + n,
+                                 hidden_states.device)
         self._pending[module.layer_idx] = (q, pad, budget)
 
     def _should_compress(self, layer: SnapKVLayer, n: int) -> int:
@@ -394,6 +445,10 @@ class SnapKVCache(Cache):
         (a new turn) re-selects when recompress is on, it is longer than the window, and the
         cache would exceed the budget."""
         cfg = self.config
+        if layer.backing is not None:
+            total = layer.logical + n
+            budget = cfg.budget(total)
+            return budget if total > budget else 0
         if layer.physical == 0:
             budget = cfg.budget(n)
             return budget if n > budget else 0

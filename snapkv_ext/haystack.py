@@ -75,3 +75,32 @@ def chat_ids(tokenizer, text: str):
 
 def retrieved(answer_text: str, key: str) -> bool:
     return key in re.sub(r"[^0-9]", " ", answer_text).split() or key in answer_text
+
+
+# Five facts of different kinds, for asking several questions of one document.
+FACTS = [
+    ("The pass key is 60494. Remember the pass key 60494.", "What is the pass key? Answer with the number only.", "60494"),
+    ("The boat in the harbour is named Marigold.", "What is the name of the boat in the harbour?", "Marigold"),
+    ("Mr. Hale lives in Ostend.", "In which town does Mr. Hale live?", "Ostend"),
+    ("The old lamp costs 37 dollars.", "How many dollars does the old lamp cost?", "37"),
+    ("The baker's cat is named Pepper.", "What is the name of the baker's cat?", "Pepper"),
+]
+
+
+def facts_document(tokenizer, n_tokens: int, seed: int = 0):
+    """(document ids [1, L], [(question ids [1, q], answer)]) as one chat turn split in two: the
+    document is the turn's start, each question its end (with the generation prompt), so that
+    document + question is exactly the chat prompt of the whole message."""
+    per_sentence = max(1, len(tokenizer.encode(" ".join(FILLER))) / len(FILLER))
+    sents = haystack(max(len(FACTS) * 2, int(n_tokens / per_sentence)), seed)
+    for i, (fact, _, _) in enumerate(FACTS):
+        sents.insert(int((i + 0.5) / len(FACTS) * len(sents)) + i, fact)
+    text = "Read the following text carefully.\n\n" + " ".join(sents)
+    marker = "\u0000QUESTION\u0000"
+    whole = tokenizer.apply_chat_template([{"role": "user", "content": text + "\n\n" + marker}],
+                                          add_generation_prompt=True, tokenize=False)
+    pre, post = whole.split(marker)
+    doc = tokenizer(pre, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    questions = [(tokenizer(q + post, return_tensors="pt", add_special_tokens=False)["input_ids"], a)
+                 for _, q, a in FACTS]
+    return doc, questions

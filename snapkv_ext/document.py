@@ -1,0 +1,203 @@
+"""Read a long document once, ask it many questions: SnapKV selection with each question's own
+observation window, without re-reading the document.
+
+    doc = SnapKVDocument(model, doc_ids, compression_ratio=0.25, window_size=32)
+    answer = doc.generate(question_ids, max_new_tokens=32)           # [1, new] tokens
+    answers = doc.generate([q1_ids, q2_ids, q3_ids], max_new_tokens=32)   # a batch of questions
+    # or with generate() directly:
+    model.generate(torch.cat([doc_ids, question_ids], 1), past_key_values=doc.cache_for(), ...)
+
+The document's full KV is computed once and kept off the fast path (in CPU memory, pinned when
+the model is on a GPU), one layer streamed in at a time. For each question a fresh SnapKVCache is
+backed by that store: in every layer the question's tokens attend to the document's full KV, then
+SnapKV selects over document + question with the question's own window (exactly what SnapKVCache
+would keep on the concatenated prompt from scratch), and only the budget stays resident.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .cache import SnapKVCache, SnapKVConfig, _attention_modules, window_queries
+
+try:
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+except ImportError as e:  # pragma: no cover
+    raise ImportError("snapkv_ext.document needs transformers>=5.17") from e
+
+
+class _StoreLayer(DynamicLayer):
+    """Copies each update to the document store and keeps nothing on the device."""
+
+    def __init__(self, store: list, pin: bool):
+        super().__init__()
+        self._store, self._pin = store, pin
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        k, v = key_states.detach().to("cpu"), value_states.detach().to("cpu")
+        if self._pin:
+            k, v = k.pin_memory(), v.pin_memory()
+        self._store.append((k, v))
+        return key_states, value_states
+
+
+class SnapKVDocument:
+    """A document read once; each question re-selects SnapKV's budget from its full KV.
+
+    Parameters
+    ----------
+    model : a supported causal LM (see SnapKVCache)
+    input_ids : Tensor [1, L] or [L]
+        The document's token ids (one document; questions are batched in :meth:`generate`).
+    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce :
+        SnapKV settings applied to document + question (see :class:`SnapKVConfig`).
+    max_question_tokens : int
+        Longest question accepted (default 2048).
+    """
+
+    def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
+                 compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = 7,
+                 pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
+                 decode_reserve: int = 128):
+        if max_capacity_prompt is None and compression_ratio is None:
+            max_capacity_prompt = 1024
+        self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
+                                   window_size=window_size, kernel_size=kernel_size, pooling=pooling,
+                                   group_reduce=group_reduce, decode_reserve=decode_reserve)
+        if not isinstance(max_question_tokens, int) or max_question_tokens < 1:
+            raise ValueError(f"max_question_tokens must be a positive integer, got {max_question_tokens!r}")
+        ids = self._as_ids(input_ids, "input_ids")
+        if ids.shape[1] <= window_size:
+            raise ValueError(f"input_ids: the document ({ids.shape[1]} tokens) must be longer than window_size "
+                             f"({window_size})")
+        self.model = model
+        self.max_question_tokens = max_question_tokens
+        self._modules = _attention_modules(model)
+        device = next(model.parameters()).device
+        self.input_ids = ids.to(device)
+        pin = device.type == "cuda"
+        store: list = []
+        tails = {}
+
+        def grab(module, args, kwargs):
+            hs = kwargs.get("hidden_states", args[0] if args else None)
+            tails[module.layer_idx] = window_queries(module, hs, kwargs["position_embeddings"], window_size).detach()
+
+        handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self._modules]
+        try:
+            with torch.no_grad():
+                model(self.input_ids, past_key_values=Cache(layers=[_StoreLayer(store, pin) for _ in self._modules]),
+                      use_cache=True, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        self.keys: List[Tensor] = [k for k, _ in store]
+        self.values: List[Tensor] = [v for _, v in store]
+        self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._modules))]
+
+    @staticmethod
+    def _as_ids(x, name: str) -> Tensor:
+        if not isinstance(x, Tensor) or x.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be a tensor of token ids, got {type(x).__name__}"
+                             + (f" of {x.dtype}" if isinstance(x, Tensor) else ""))
+        if x.dim() == 1:
+            x = x[None]
+        if x.dim() != 2 or x.shape[0] != 1:
+            raise ValueError(f"{name} must be [L] or [1, L], got {list(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} is empty")
+        return x.long()
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes of the document's full KV in the store."""
+        return sum(2 * k.numel() * k.element_size() for k in self.keys)
+
+    def cache_for(self, model=None) -> SnapKVCache:
+        """A fresh SnapKVCache backed by this document: pass it to ``model.generate`` with
+        ``input_ids = cat(document ids, question ids)`` (only the question is run)."""
+        if model is not None and model is not self.model:
+            raise ValueError("this document was read by another model; read it again with this one")
+        cache = SnapKVCache(self.model, config=self.config)
+        for layer, k, v, q in zip(cache.layers, self.keys, self.values, self.q_tails):
+            layer.attach_document(k, v, q)
+        return cache
+
+    def _question(self, q) -> Tensor:
+        q = self._as_ids(q, "question_ids")
+        if q.shape[1] > self.max_question_tokens:
+            raise ValueError(f"question_ids: {q.shape[1]} tokens is longer than max_question_tokens "
+                             f"({self.max_question_tokens})")
+        return q.to(self.input_ids.device)
+
+    def prefill(self, question_ids) -> tuple:
+        """Run one question through the model against the document: (cache, last logits [1, V])."""
+        q = self._question(question_ids)
+        cache = self.cache_for()
+        pos = torch.arange(self.length, self.length + q.shape[1], device=q.device)[None]
+        with torch.no_grad():
+            logits = self.model(q, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return cache, logits[:, -1]
+
+    def generate(self, question_ids: Union[Tensor, Sequence[Tensor]], max_new_tokens: int = 32, **generate_kwargs):
+        """Answer one question (a tensor: returns ``[1, new]`` tokens, through ``model.generate``
+        with any of its options) or several (a list: greedy, batched decoding; returns a list of
+        token lists, each equal to asking that question alone)."""
+        if isinstance(question_ids, Tensor):
+            q = self._question(question_ids)
+            ids = torch.cat([self.input_ids, q], dim=1)
+            with torch.no_grad():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache_for(),
+                                          max_new_tokens=max_new_tokens, **generate_kwargs)
+            return out[:, ids.shape[1]:]
+        if generate_kwargs:
+            raise ValueError("a batch of questions decodes greedily; generate options are for one question")
+        questions = list(question_ids)
+        if not questions:
+            raise ValueError("question_ids: an empty list of questions")
+        return self._generate_batch(questions, max_new_tokens)
+
+    def _generate_batch(self, questions: List[Tensor], max_new_tokens: int) -> List[List[int]]:
+        prefills = [self.prefill(q) for q in questions]
+        B = len(prefills)
+        caches = [c for c, _ in prefills]
+        tok = torch.stack([lg.argmax(-1) for _, lg in prefills])  # [B, 1]
+        dev = tok.device
+        # One batched cache for decoding: each row's kept entries, left-padded to the longest.
+        P = max(c.layers[0].physical for c in caches)
+        batched = DynamicCache()
+        for i in range(len(self._modules)):
+            ks, vs = [], []
+            for c in caches:
+                k, v = c.layers[i].keys, c.layers[i].values
+                pad = P - k.shape[2]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            batched.update(torch.cat(ks), torch.cat(vs), i)
+        mask = torch.zeros(B, P, dtype=torch.long, device=dev)
+        for b, c in enumerate(caches):
+            mask[b, P - c.layers[0].physical:] = 1
+        positions = torch.tensor([[c.get_seq_length()] for c in caches], device=dev)
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        out = [[int(t)] for t in tok[:, 0]]
+        done = [t[0] in eos for t in out]
+        with torch.no_grad():
+            for _ in range(max_new_tokens - 1):
+                if all(done):
+                    break
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
+                logits = self.model(tok, position_ids=positions, attention_mask=mask, past_key_values=batched,
+                                    use_cache=True).logits
+                tok = logits[:, -1:].argmax(-1)
+                positions = positions + 1
+                for b in range(B):
+                    if not done[b]:
+                        out[b].append(int(tok[b, 0]))
+                        done[b] = out[b][-1] in eos
+        return out
