@@ -30,26 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
+from common import timed  # noqa: E402
 from snapkv_ext.haystack import haystack  # noqa: E402
-
-
-def load(args):
-    if args.model == "smollm2":
-        from snapkv_ext.models import load_model
-
-        model, tok = load_model(dtype=getattr(torch, args.dtype), device=args.device)
-        return model, tok
-    if args.model == "llama2-7b":
-        import transformers as tf
-
-        cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=1 << 20,
-                             attn_implementation="sdpa")
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            model = tf.LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, args.dtype))
-        return model.eval(), None
-    raise SystemExit(f"unknown --model {args.model}")
+from snapkv_ext.models import RANDOM_SHAPES, load_by_name  # noqa: E402
 
 
 def prompt_ids(tok, n, batch, vocab, device):
@@ -60,19 +43,6 @@ def prompt_ids(tok, n, batch, vocab, device):
     ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
     assert ids.shape[1] == n, f"haystack too short for {n} tokens"
     return ids.expand(batch, n).contiguous().to(device)
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t, out
 
 
 def kv_bytes(cache) -> int:
@@ -186,7 +156,7 @@ def max_length_search(model, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "llama2-7b"])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", *RANDOM_SHAPES])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
@@ -200,7 +170,7 @@ def main():
     p.add_argument("--max-length-search", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    model, tok = load(args)
+    model, tok = load_by_name(args.model, args.device, args.dtype)
     rows = []
     if args.max_length_search:
         rows.append(max_length_search(model, args))

@@ -251,7 +251,6 @@ class SnapKVLayer(CacheLayerMixin):
                 "use a new cache (or cache.reset()) for a new batch"
             )
         pending = cache._pending.pop(self.layer_idx, None)
-        cfg = cache.config
         if pending is None and cache._should_compress(self, n):
             # The pre-attention hook did not run: the model is not the one the cache was made for.
             raise ValueError(
@@ -261,32 +260,17 @@ class SnapKVLayer(CacheLayerMixin):
             return self._update_from_document(key_states, value_states, pending)
         if self.physical == 0:
             positions = torch.arange(n, device=key_states.device).expand(B, H, n)
-            if pending is not None:
-                q_window, pad, budget = pending
-                kc, vc, pos = cache._compress(q_window, key_states, value_states, budget, pad)
-                self._store(kc, vc, pos, cfg.decode_reserve)
-                self.compressions += 1
-            else:
-                self._store(key_states, value_states, positions, cfg.decode_reserve)
-            self.logical = n
-            cache._track_prefill(self, key_states, value_states)
-            return key_states, value_states
+            return self._select(key_states, value_states, positions, pending, n)
         if pending is not None:
             # A new turn longer than the window: re-select over what is cached plus the new
             # tokens, with the new tokens' own window.
-            q_window, pad, budget = pending
             k_all = torch.cat([self.keys, key_states], dim=2)
             v_all = torch.cat([self.values, value_states], dim=2)
             pos_all = torch.cat(
                 [self.positions, torch.arange(self.logical, self.logical + n, device=key_states.device).expand(B, H, n)],
                 dim=2,
             )
-            kc, vc, phys = cache._compress(q_window, k_all, v_all, budget, pad)
-            self._store(kc, vc, pos_all.gather(2, phys), cfg.decode_reserve)
-            self.logical += n
-            self.compressions += 1
-            cache._track_prefill(self, key_states, value_states)
-            return k_all, v_all
+            return self._select(k_all, v_all, pos_all, pending, self.logical + n)
         self._append(key_states, value_states)
         self.logical += n
         return self.keys, self.values
@@ -294,8 +278,8 @@ class SnapKVLayer(CacheLayerMixin):
     def _update_from_document(self, key_states: Tensor, value_states: Tensor, pending) -> Tuple[Tensor, Tensor]:
         """First prefill after a document: attend to the document's full KV (brought in for this
         layer only) plus the new tokens, then keep what SnapKV selects over both."""
-        cache, cfg = self._cache, self._cache.config
-        B, H, n, _ = key_states.shape
+        B = key_states.shape[0]
+        H = key_states.shape[1]
         if B != 1:
             raise ValueError("a document-backed SnapKVCache takes one question at a time "
                              "(SnapKVDocument.generate batches several)")
@@ -304,15 +288,21 @@ class SnapKVLayer(CacheLayerMixin):
         k_all = torch.cat([dk.to(dev, non_blocking=True), key_states], dim=2)
         v_all = torch.cat([dv.to(dev, non_blocking=True), value_states], dim=2)
         total = k_all.shape[2]
+        self.backing = None
+        return self._select(k_all, v_all, torch.arange(total, device=dev).expand(B, H, total), pending, total)
+
+    def _select(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending, logical: int) -> Tuple[Tensor, Tensor]:
+        """Keep SnapKV's selection from (k_all, v_all) (whose logical positions are pos_all), or
+        all of it when nothing is pending; return the full KV for the current attention."""
+        cache = self._cache
         if pending is not None:
             q_window, pad, budget = pending
-            kc, vc, pos = cache._compress(q_window, k_all, v_all, budget, pad)
-            self._store(kc, vc, pos, cfg.decode_reserve)
+            kc, vc, phys = cache._compress(q_window, k_all, v_all, budget, pad)
+            self._store(kc, vc, pos_all.gather(2, phys), cache.config.decode_reserve)
             self.compressions += 1
         else:
-            self._store(k_all, v_all, torch.arange(total, device=dev).expand(B, H, total), cfg.decode_reserve)
-        self.backing = None
-        self.logical = total
+            self._store(k_all, v_all, pos_all, cache.config.decode_reserve)
+        self.logical = logical
         cache._track_prefill(self, k_all, v_all)
         return k_all, v_all
 

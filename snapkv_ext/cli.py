@@ -95,6 +95,19 @@ def _check_budget(model, args, prompt_len: Optional[int] = None) -> None:
         raise UserError(f"the prompt has {prompt_len} tokens, more than the model's context ({ctx})")
 
 
+def _check_sweep(model, args) -> None:
+    """Budgets, ratios and prompt lengths of a sweep (bench, eval needle)."""
+    for b in args.budgets:
+        if b <= args.window:
+            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
+    for r in getattr(args, "ratios", []):
+        if not 0 < r <= 1:
+            raise UserError(f"--ratios: {r} is not in (0, 1]")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and max(args.lengths) > ctx:
+        raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
+
+
 def _method(args):
     from .evaluate import Method
 
@@ -191,12 +204,7 @@ def cmd_bench(args) -> int:
 
     _setup(args)
     model, tok = _load(args)
-    for b in args.budgets:
-        if b <= args.window:
-            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and max(args.lengths) > ctx:
-        raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
+    _check_sweep(model, args)
     methods = parse_methods(args.budgets, [], args.window, args.kernel, args.pooling)
     res = decode_bench(model, tok, args.lengths, methods, steps=args.steps, reps=args.reps, progress=True)
     res["device"], res["dtype"] = args.device, args.dtype
@@ -218,15 +226,7 @@ def cmd_eval_needle(args) -> int:
 
     _setup(args)
     model, tok = _load(args)
-    for b in args.budgets:
-        if b <= args.window:
-            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
-    for r in args.ratios:
-        if not 0 < r <= 1:
-            raise UserError(f"--ratios: {r} is not in (0, 1]")
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and max(args.lengths) > ctx:
-        raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
+    _check_sweep(model, args)
     methods = parse_methods(args.budgets, args.ratios, args.window, args.kernel, args.pooling)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
     path = os.path.join(args.out, "needle.json")

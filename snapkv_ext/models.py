@@ -69,3 +69,33 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, heads: int = 4, kv_heads
     torch.manual_seed(seed)
     model = model_cls(cfg).to(dtype).eval()
     return model
+
+
+# Real model shapes with random weights, for speed work on a GPU (speed does not depend on the
+# weights' values). llama2-7b is the paper's LWM-7B shape: full multi-head attention.
+RANDOM_SHAPES = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+}
+
+
+def random_model(shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """A Llama model of a real shape (``RANDOM_SHAPES``) with random weights, made on `device`."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(max_position_embeddings=1 << 20, attn_implementation="sdpa", **RANDOM_SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def load_by_name(name: str, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer or None): "smollm2" (the embedded model) or a RANDOM_SHAPES name."""
+    if name == "smollm2":
+        return load_model(dtype=getattr(torch, dtype), device=device)
+    if name in RANDOM_SHAPES:
+        return random_model(name, device, getattr(torch, dtype)), None
+    raise ValueError(f"unknown model {name!r}: smollm2 or one of {sorted(RANDOM_SHAPES)}")

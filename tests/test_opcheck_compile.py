@@ -57,7 +57,6 @@ def test_cuda_matches_cpu(gen):
     """The CUDA kernels and the CPU kernels keep the same entries (same selection rules)."""
     q = randn((2, 8, 32, 128), torch.bfloat16, "cpu", gen)
     k = randn((2, 2, 3000, 128), torch.bfloat16, "cpu", gen, scale=2.0)
-    v = randn((2, 2, 3000, 128), torch.bfloat16, "cpu", gen)
     pad = torch.tensor([0, 500])
     s_cpu = ops.window_scores(q, k, pad)
     s_gpu = ops.window_scores(q.cuda(), k.cuda(), pad.cuda()).cpu()
