@@ -77,25 +77,50 @@ class SnapKVDocument:
         self._modules = _attention_modules(model)
         device = next(model.parameters()).device
         self.input_ids = ids.to(device)
-        pin = device.type == "cuda"
+        self._pin = device.type == "cuda"
         store: list = []
+        tails = self._read(self.input_ids, Cache(layers=[_StoreLayer(store, self._pin) for _ in self._modules]))
+        self.keys: List[Tensor] = [k for k, _ in store]
+        self.values: List[Tensor] = [v for _, v in store]
+        self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._modules))]
+
+    def _read(self, ids: Tensor, cache, **forward_kwargs) -> dict:
+        """Run `ids` through the model with `cache`; return each layer's post-RoPE queries of the
+        last (up to) window_size tokens."""
+        w = self.config.window_size
         tails = {}
 
         def grab(module, args, kwargs):
             hs = kwargs.get("hidden_states", args[0] if args else None)
-            tails[module.layer_idx] = window_queries(module, hs, kwargs["position_embeddings"], window_size).detach()
+            tails[module.layer_idx] = window_queries(module, hs, kwargs["position_embeddings"],
+                                                     min(w, hs.shape[1])).detach()
 
         handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self._modules]
         try:
             with torch.no_grad():
-                model(self.input_ids, past_key_values=Cache(layers=[_StoreLayer(store, pin) for _ in self._modules]),
-                      use_cache=True, logits_to_keep=1)
+                self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **forward_kwargs)
         finally:
             for h in handles:
                 h.remove()
-        self.keys: List[Tensor] = [k for k, _ in store]
-        self.values: List[Tensor] = [v for _, v in store]
-        self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._modules))]
+        return tails
+
+    def append(self, token_ids: Tensor) -> None:
+        """Continue the conversation: add `token_ids` (e.g. a question and its answer) to the
+        document, so that the next question sees the whole conversation so far and re-selects
+        from all of it. The new tokens attend to everything before them, as in one long prompt."""
+        ids = self._question(token_ids)
+        n, w = ids.shape[1], self.config.window_size
+        keep_all = SnapKVConfig(max_capacity_prompt=2**62, window_size=w)  # attend, select nothing
+        cache = SnapKVCache(self.model, config=keep_all)
+        for layer, k, v, q in zip(cache.layers, self.keys, self.values, self.q_tails):
+            layer.attach_document(k, v, q)
+        pos = torch.arange(self.length, self.length + n, device=ids.device)[None]
+        tails = self._read(ids, cache, position_ids=pos)
+        for i, layer in enumerate(cache.layers):
+            k, v = layer.keys.to("cpu"), layer.values.to("cpu")
+            self.keys[i], self.values[i] = (k.pin_memory(), v.pin_memory()) if self._pin else (k, v)
+            self.q_tails[i] = torch.cat([self.q_tails[i], tails[i]], dim=2)[:, :, -w:]
+        self.input_ids = torch.cat([self.input_ids, ids], dim=1)
 
     @staticmethod
     def _as_ids(x, name: str) -> Tensor:

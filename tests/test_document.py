@@ -64,6 +64,23 @@ def test_document_is_never_recomputed_and_memory_is_bounded():
     assert all(k.device.type == "cpu" for k in d.keys), "the document's full KV stays in the store"
 
 
+def test_chat_continues_over_the_whole_conversation():
+    """After a question and its answer are appended, the next question sees document + question
+    + answer in full and re-selects: equal to SnapKVCache on the whole conversation from scratch."""
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    doc, q1, q2 = ids(260, 0), ids(20, 1), ids(15, 2)
+    d = SnapKVDocument(model, doc, **KW)
+    a1 = d.generate(q1, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    d.append(torch.cat([q1, a1], dim=1))
+    assert d.length == 260 + 20 + 5 and d.keys[0].shape[2] == 285
+    history = torch.cat([doc, q1, a1], dim=1)
+    want, c_ref = scratch(model, history, q2, 5, **KW)
+    assert torch.equal(d.generate(q2, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0), want)
+    c_doc, _ = d.prefill(q2)
+    for a, b in zip(c_doc.layers, c_ref.layers):
+        assert torch.equal(a.positions, b.positions)
+
+
 def test_batch_of_questions_equals_each_alone():
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
     doc = ids(250, 0)
@@ -114,6 +131,13 @@ def test_five_questions_on_smollm2():
                                  max_new_tokens=16, do_sample=False)
         b = tok.decode(out[0, full.shape[1]:], skip_special_tokens=True)
         assert a == b
+        if answer == questions[0][1]:  # per layer and KV head, the same entries are kept
+            c_doc, _ = d.prefill(q)
+            c_ref = SnapKVCache(model, **kw)
+            with torch.no_grad():
+                model(full, past_key_values=c_ref)
+            same = sum(torch.equal(x.positions, y.positions) for x, y in zip(c_doc.layers, c_ref.layers))
+            assert same == len(c_ref.layers), f"{same}/{len(c_ref.layers)} layers keep the same positions"
         ours += answer in a
         ref += answer in b
     assert ours >= ref and ours >= 3, f"{ours}/5 right (from scratch {ref}/5)"
