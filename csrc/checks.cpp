@@ -72,7 +72,7 @@ WindowShape check_window_args(const at::Tensor& q, const at::Tensor& keys,
                q.scalar_type(), " and ", keys.scalar_type());
   SNAPKV_CHECK(q.device() == keys.device(), "q_window and keys must be on the same device, got ",
                q.device(), " and ", keys.device());
-  WindowShape s{q.size(0), q.size(1), keys.size(1), keys.size(2), q.size(3), q.size(2)};
+  const WindowShape s = window_shape(q, keys);
   SNAPKV_CHECK(keys.size(0) == s.B, "q_window and keys must have the same batch size, got ",
                shape_str(q), " and ", shape_str(keys));
   SNAPKV_CHECK(keys.size(3) == s.D, "q_window and keys must have the same head dim D, got ",

@@ -110,12 +110,10 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
 
         n_layers = len(getattr(getattr(model, "model", model), "layers", []))
         bar = tqdm(total=n_layers, desc=f"{label} prefill {L} tokens", unit="layer", leave=False)
-    eos = set(tokenizer.all_special_ids) if tokenizer is not None else set()
     eos_id = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(eos_id, int):
-        eos = {eos_id}
-    elif isinstance(eos_id, (list, tuple)):
-        eos = set(eos_id)
+    if eos_id is None and tokenizer is not None:
+        eos_id = tokenizer.eos_token_id
+    eos = set(eos_id) if isinstance(eos_id, (list, tuple)) else ({eos_id} if eos_id is not None else set())
     with torch.no_grad():
         _sync(device)
         t0 = time.perf_counter()
