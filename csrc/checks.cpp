@@ -152,6 +152,13 @@ void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_
   SNAPKV_CHECK(!keys_out.is_same(values_out), "keys_out and values_out must be different tensors");
 }
 
+std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B) {
+  if (!pad_lengths.has_value()) return std::vector<int64_t>(B, 0);
+  const at::Tensor p = pad_lengths->to(at::kCPU).contiguous();
+  const int64_t* v = p.data_ptr<int64_t>();
+  return std::vector<int64_t>(v, v + B);
+}
+
 float resolve_scale(const c10::optional<double>& scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
   SNAPKV_CHECK(std::isfinite(s) && s > 0, "scale must be finite and positive, got ", s);

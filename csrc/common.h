@@ -85,7 +85,7 @@ SNAPKV_HD float pool_finish(Pooling p, float acc, int64_t kernel_size) {
 // Top-k order as an unsigned key: a larger key ranks first. Monotone in the float value for
 // every non-NaN (so -inf ranks below every finite score); NaN ranks below everything, so a
 // NaN score is never preferred to a real one. Ties are broken toward the lower position by the
-// selection code, not here.
+// selection code (radix_pick_bin's `need`), not here.
 SNAPKV_HD uint32_t order_key(float v) {
   if (v != v) return 0u;
   union {
@@ -97,11 +97,6 @@ SNAPKV_HD uint32_t order_key(float v) {
   // Positive floats: set the sign bit; negative floats: flip every bit. Keys of NaN-free input
   // are then >= 0x007FFFFF + 1 for -inf, so key 0 is free for NaN.
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// True if (key a at position pa) ranks before (key b at position pb).
-SNAPKV_HD bool ranks_before(uint32_t a, int64_t pa, uint32_t b, int64_t pb) {
-  return a > b || (a == b && pa < pb);
 }
 
 // Radix select over order keys, 8 bits a pass from the most significant digit. `hist` counts the

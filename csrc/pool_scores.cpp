@@ -18,11 +18,7 @@ at::Tensor pool_scores_cpu(const at::Tensor& scores_in, int64_t kernel_size, con
   const at::Tensor scores = scores_in.contiguous();
   const int64_t B = scores.size(0), H = scores.size(1), N = scores.size(2);
   at::Tensor out = at::empty_like(scores);
-  std::vector<int64_t> pad(B, 0);
-  if (pad_lengths.has_value()) {
-    auto p = pad_lengths->cpu();
-    for (int64_t b = 0; b < B; ++b) pad[b] = p[b].item<int64_t>();
-  }
+  const std::vector<int64_t> pad = pad_values(pad_lengths, B);
   SNAPKV_DISPATCH_FLOATING(scores.scalar_type(), "pool_scores_cpu", [&] {
     const scalar_t* in = scores.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();

@@ -9,6 +9,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -45,6 +46,8 @@ void check_compact_args(const at::Tensor& keys, const at::Tensor& values,
 // Validates caller-owned outputs [B, H_kv, k + w, D] (last dim contiguous, dtype/device of keys).
 void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_t window_size,
                        const at::Tensor& keys_out, const at::Tensor& values_out);
+// The (already checked) left padding of each of B rows, zeros when pad_lengths is absent.
+std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B);
 // 1 / sqrt(D) unless given; must be finite and positive.
 float resolve_scale(const c10::optional<double>& scale, int64_t head_dim);
 

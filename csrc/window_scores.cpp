@@ -42,11 +42,7 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   qt.narrow(3, 0, R).copy_((q_window.to(at::kFloat) * scale).reshape({s.B, s.Hkv, R, D}).transpose(2, 3));
   const at::Tensor k = keys.contiguous();
   at::Tensor out = at::zeros({s.B, s.Hkv, N}, qt.options());
-  std::vector<int64_t> pad(s.B, 0);
-  if (pad_lengths.has_value()) {
-    auto p = pad_lengths->cpu();
-    for (int64_t b = 0; b < s.B; ++b) pad[b] = p[b].item<int64_t>();
-  }
+  const std::vector<int64_t> pad = pad_values(pad_lengths, s.B);
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), s.B * s.Hkv);
   const bool keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
 
