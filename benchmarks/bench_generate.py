@@ -31,6 +31,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
 from common import timed  # noqa: E402
+from snapkv_ext.evaluate import cache_bytes  # noqa: E402
 from snapkv_ext.haystack import haystack  # noqa: E402
 from snapkv_ext.models import RANDOM_SHAPES, load_by_name  # noqa: E402
 
@@ -43,12 +44,6 @@ def prompt_ids(tok, n, batch, vocab, device):
     ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
     assert ids.shape[1] == n, f"haystack too short for {n} tokens"
     return ids.expand(batch, n).contiguous().to(device)
-
-
-def kv_bytes(cache) -> int:
-    if isinstance(cache, SnapKVCache):
-        return cache.stats()["kv_bytes"]
-    return sum(2 * lay.keys.numel() * lay.keys.element_size() for lay in cache.layers)
 
 
 def prefill(model, ids, cache):
@@ -98,8 +93,8 @@ def bench_length(model, tok, L, args):
     phys = snap.stats()["physical_length"][0]
     same = DynamicCache()
     prefill(model, ids[:, -phys:], same)
-    res["kv_bytes_full"] = kv_bytes(full)
-    res["kv_bytes_snap"] = kv_bytes(snap)
+    res["kv_bytes_full"] = cache_bytes(full)
+    res["kv_bytes_snap"] = cache_bytes(snap)
     res["kv_bytes_budget_arithmetic"] = (cfg.num_hidden_layers * 2 * args.batch * cfg.num_key_value_heads * args.budget
                                          * (cfg.hidden_size // cfg.num_attention_heads)
                                          * torch.finfo(getattr(torch, args.dtype)).bits // 8)

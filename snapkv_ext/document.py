@@ -111,9 +111,7 @@ class SnapKVDocument:
         ids = self._question(token_ids)
         n, w = ids.shape[1], self.config.window_size
         keep_all = SnapKVConfig(max_capacity_prompt=2**62, window_size=w)  # attend, select nothing
-        cache = SnapKVCache(self.model, config=keep_all)
-        for layer, k, v, q in zip(cache.layers, self.keys, self.values, self.q_tails):
-            layer.attach_document(k, v, q)
+        cache = self._backed_cache(keep_all)
         pos = torch.arange(self.length, self.length + n, device=ids.device)[None]
         tails = self._read(ids, cache, position_ids=pos)
         for i, layer in enumerate(cache.layers):
@@ -148,7 +146,10 @@ class SnapKVDocument:
         ``input_ids = cat(document ids, question ids)`` (only the question is run)."""
         if model is not None and model is not self.model:
             raise ValueError("this document was read by another model; read it again with this one")
-        cache = SnapKVCache(self.model, config=self.config)
+        return self._backed_cache(self.config)
+
+    def _backed_cache(self, config: SnapKVConfig) -> SnapKVCache:
+        cache = SnapKVCache(self.model, config=config)
         for layer, k, v, q in zip(cache.layers, self.keys, self.values, self.q_tails):
             layer.attach_document(k, v, q)
         return cache
