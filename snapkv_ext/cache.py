@@ -187,6 +187,7 @@ class SnapKVLayer(CacheLayerMixin):
         self.positions: Optional[Tensor] = None
         self._kbuf: Optional[Tensor] = None
         self._vbuf: Optional[Tensor] = None
+        self._pbuf: Optional[Tensor] = None
         self.compressions = 0
         # A document's full KV kept outside the working cache (SnapKVDocument): attended to and
         # selected from by the next prefill, then dropped from this layer.
@@ -213,31 +214,42 @@ class SnapKVLayer(CacheLayerMixin):
         B, H, n, D = k.shape
         self._kbuf = torch.empty((B, H, n + reserve, D), dtype=k.dtype, device=k.device)
         self._vbuf = torch.empty_like(self._kbuf)
-        self._kbuf[:, :, :n].copy_(k)
-        self._vbuf[:, :, :n].copy_(v)
-        self.physical = n
-        self.positions = positions
-        self._views()
+        self._pbuf = torch.empty((B, H, n + reserve), dtype=torch.int64, device=k.device)
+        self.physical = 0
+        self._write(k, v, positions)
 
     def _views(self) -> None:
         self.keys = self._kbuf[:, :, : self.physical]
         self.values = self._vbuf[:, :, : self.physical]
+        self.positions = self._pbuf[:, :, : self.physical]
+
+    def _write(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Write entries after the held ones, in place (the buffers have room)."""
+        end = self.physical + k.shape[2]
+        self._kbuf[:, :, self.physical : end].copy_(k)
+        self._vbuf[:, :, self.physical : end].copy_(v)
+        self._pbuf[:, :, self.physical : end].copy_(positions)
+        self.physical = end
+        self._views()
+
+    def _map_buffers(self, fn) -> None:
+        """Apply fn (a batch reindexing) to the key, value and position buffers."""
+        if self.physical > 0:
+            self._kbuf, self._vbuf, self._pbuf = fn(self._kbuf), fn(self._vbuf), fn(self._pbuf)
+            self._views()
 
     def _append(self, k: Tensor, v: Tensor) -> None:
         n = k.shape[2]
         if self.physical + n > self._kbuf.shape[2]:  # grow: amortised, not one copy per token
             cap = self.physical + n + max(self._cache.config.decode_reserve, self.physical // 4)
-            kb = torch.empty((*k.shape[:2], cap, k.shape[3]), dtype=self._kbuf.dtype, device=self._kbuf.device)
-            vb = torch.empty_like(kb)
-            kb[:, :, : self.physical].copy_(self._kbuf[:, :, : self.physical])
-            vb[:, :, : self.physical].copy_(self._vbuf[:, :, : self.physical])
-            self._kbuf, self._vbuf = kb, vb
-        self._kbuf[:, :, self.physical : self.physical + n].copy_(k)
-        self._vbuf[:, :, self.physical : self.physical + n].copy_(v)
+            old = (self.keys, self.values, self.positions)
+            self._kbuf = self._kbuf.new_empty((*k.shape[:2], cap, k.shape[3]))
+            self._vbuf = torch.empty_like(self._kbuf)
+            self._pbuf = self._pbuf.new_empty((*k.shape[:2], cap))
+            self.physical = 0
+            self._write(*old)
         new_pos = torch.arange(self.logical, self.logical + n, device=k.device).expand(k.shape[0], k.shape[1], n)
-        self.positions = torch.cat([self.positions, new_pos], dim=2)
-        self.physical += n
-        self._views()
+        self._write(k, v, new_pos)
 
     # -- the Cache API
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
@@ -321,30 +333,20 @@ class SnapKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.physical = self.logical = 0
         self.backing = None
-        self.positions = self._kbuf = self._vbuf = self.keys = self.values = None
+        self.positions = self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
         self.is_initialized = False
         self.compressions = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.physical > 0:
             idx = beam_idx.to(self._kbuf.device)
-            self._kbuf = self._kbuf.index_select(0, idx)
-            self._vbuf = self._vbuf.index_select(0, idx)
-            self.positions = self.positions.index_select(0, idx)
-            self._views()
+            self._map_buffers(lambda t: t.index_select(0, idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.physical > 0:
-            self._kbuf = self._kbuf.repeat_interleave(repeats, dim=0)
-            self._vbuf = self._vbuf.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
-            self._views()
+        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        if self.physical > 0:
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self.positions = self.positions[indices]
-            self._views()
+        self._map_buffers(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SnapKVCache cannot be cropped: compressed entries cannot be restored")
