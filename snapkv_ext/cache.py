@@ -142,7 +142,8 @@ def _masked_prefix(attention_mask, B: int, kv_len: int, device) -> Optional[Tens
 
 
 def _pre_attention_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    # Transformers 5.24 renamed the attention modules' `past_key_values` argument to `cache`.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, SnapKVCache):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cache._before_attention(module, hidden, kwargs.get("position_embeddings"), kwargs.get("attention_mask"))
