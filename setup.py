@@ -46,7 +46,10 @@ def extensions():
         )
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fopenmp-simd", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template that runs serially without it (torch's
+    # OpenMP backend); the library links the libgomp torch already loaded (same soname).
+    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    link = ["-fopenmp"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -61,6 +64,7 @@ def extensions():
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 define_macros=[("SNAPKV_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=link,
             )
         ]
     return [
@@ -69,6 +73,7 @@ def extensions():
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     ]
 

@@ -1,14 +1,32 @@
 // CPU compacting gather: out[b, h] = [rows[indices[b, h]], last window_size rows].
 // Inputs and outputs may be strided in every dim but the last.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
+#include <cstdint>
 #include <cstring>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "cpu_parallel.h"
 #include "dispatch.h"
 #include "snapkv.h"
 
 namespace snapkv {
+
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (!fresh.is_cpu() || fresh.nbytes() < 2 * kHuge) return;
+  const auto p = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + fresh.nbytes()) & ~(kHuge - 1);
+  // Only whole 2 MB pages inside the tensor; the result is ignored, as the advice is a hint.
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)fresh;
+#endif
+}
 
 void compact_into_cpu_unchecked(const at::Tensor& keys_in, const at::Tensor& values_in,
                                 const at::Tensor& indices_in, int64_t window_size,

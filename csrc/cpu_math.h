@@ -8,8 +8,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define SNAPKV_CPU_BF16_DOT 1
+#endif
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define SNAPKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -19,6 +26,12 @@
 
 namespace snapkv {
 namespace cpu {
+
+// An environment switch: set and not "0".
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
 
 // exp(x) for x <= 88; 0 below -87.3 (the smallest normal float's log), -inf included.
 inline float exp_fast(float x) {
@@ -109,6 +122,73 @@ SNAPKV_CPU_CLONES inline void block_logits_t_bf16(const uint16_t* __restrict__ k
                                                   const float* __restrict__ qt, int64_t ldr, float* __restrict__ st) {
   block_logits_t_impl<uint16_t>(k, nb, D, qt, ldr, st);
 }
+
+// Whether block_logits_bf16_dot can run here: x86-64 with AVX512-BF16 (vdpbf16ps), e.g. Zen 4/5,
+// Sapphire Rapids and later. SNAPKV_CPU_NO_BF16_DOT=1 turns it off (the tests use it to check the
+// widening kernel on machines that have the instruction).
+inline bool has_bf16_dot() {
+#ifdef SNAPKV_CPU_BF16_DOT
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && !env_flag("SNAPKV_CPU_NO_BF16_DOT");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// block_logits_t for bfloat16 keys AND queries with the AVX512-BF16 dot product: each vdpbf16ps
+// multiplies two bf16 pairs per lane (exact products, fp32 accumulation), half the instructions
+// of widening the keys. Keys k[nb][D] (D even) are read as 32-bit pairs (k[j][2e], k[j][2e+1]);
+// the queries come as pairs too, qp[e * ldr + r] = (q[r][2e], q[r][2e+1]), unscaled, and the
+// logits are scaled on the way out: st[j * ldr + r] = scale * dot(key j, query r).
+#ifdef SNAPKV_CPU_BF16_DOT
+// Two bf16 values as one 32-bit word (memcpy: no alignment or aliasing assumption).
+inline int32_t load_pair(const uint16_t* p) {
+  int32_t x;
+  __builtin_memcpy(&x, p, sizeof(x));
+  return x;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void block_logits_bf16_dot(
+    const uint16_t* __restrict__ k, int64_t nb, int64_t D, const uint32_t* __restrict__ qp, int64_t ldr,
+    float scale, float* __restrict__ st) {
+  const int64_t D2 = D / 2;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t r0 = 0; r0 < ldr; r0 += 32) {
+    int64_t j0 = 0;
+    for (; j0 + 8 <= nb; j0 += 8) {  // register tile: 8 keys x 32 rows
+      __m512 acc[8][2];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      const uint16_t* kr = k + j0 * D;
+      for (int64_t e = 0; e < D2; ++e) {
+        const __m512bh q0 = (__m512bh)_mm512_loadu_si512(qp + e * ldr + r0);
+        const __m512bh q1 = (__m512bh)_mm512_loadu_si512(qp + e * ldr + r0 + 16);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const __m512bh kv = (__m512bh)_mm512_set1_epi32(load_pair(kr + i * D + 2 * e));
+          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], kv, q0);
+          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], kv, q1);
+        }
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(st + (j0 + i) * ldr + r0, _mm512_mul_ps(acc[i][0], sc));
+        _mm512_storeu_ps(st + (j0 + i) * ldr + r0 + 16, _mm512_mul_ps(acc[i][1], sc));
+      }
+    }
+    for (; j0 < nb; ++j0) {  // the last keys of a block, one at a time
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int64_t e = 0; e < D2; ++e) {
+        const __m512bh kv = (__m512bh)_mm512_set1_epi32(load_pair(k + j0 * D + 2 * e));
+        a0 = _mm512_dpbf16_ps(a0, kv, (__m512bh)_mm512_loadu_si512(qp + e * ldr + r0));
+        a1 = _mm512_dpbf16_ps(a1, kv, (__m512bh)_mm512_loadu_si512(qp + e * ldr + r0 + 16));
+      }
+      _mm512_storeu_ps(st + j0 * ldr + r0, _mm512_mul_ps(a0, sc));
+      _mm512_storeu_ps(st + j0 * ldr + r0 + 16, _mm512_mul_ps(a1, sc));
+    }
+  }
+}
+#endif
 
 // Per-row softmax statistics of a transposed logits block st[nb][ldr] over rows r < n:
 // m[r] = max_j st[j][r], l[r] = sum_j exp(st[j][r] - m[r]) (l = 0 where every logit is -inf).

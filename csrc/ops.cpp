@@ -7,14 +7,25 @@
 #include "snapkv.h"
 
 namespace snapkv {
+namespace {
+
+// Uninitialised keys/values outputs [B, H_kv, rows, D]; huge-page backed on CPU, where the page
+// faults of writing tens of MB otherwise cost more than the gather itself.
+std::pair<at::Tensor, at::Tensor> new_kv_outputs(const at::Tensor& keys, int64_t rows) {
+  auto keys_out = at::empty({keys.size(0), keys.size(1), rows, keys.size(3)}, keys.options());
+  auto values_out = at::empty_like(keys_out);
+  advise_huge_pages(keys_out);
+  advise_huge_pages(values_out);
+  return {keys_out, values_out};
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
                                                 const at::Tensor& values, const at::Tensor& indices,
                                                 int64_t window_size) {
   check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
-  const int64_t rows = indices.size(2) + window_size;
-  auto keys_out = at::empty({keys.size(0), keys.size(1), rows, keys.size(3)}, keys.options());
-  auto values_out = at::empty_like(keys_out);
+  auto [keys_out, values_out] = new_kv_outputs(keys, indices.size(2) + window_size);
   be.compact_into(keys, values, indices, window_size, keys_out, values_out);
   return {keys_out, values_out};
 }
@@ -61,8 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
   auto scores = be.window_scores(q_window, keys, pad_lengths, group_reduce, scale);
   auto pooled = be.pool_scores(scores, kernel_size, pooling, pad_lengths);
   auto indices = be.select_topk(pooled, k);
-  auto keys_out = at::empty({s.B, s.Hkv, max_capacity_prompt, s.D}, keys.options());
-  auto values_out = at::empty_like(keys_out);
+  auto [keys_out, values_out] = new_kv_outputs(keys, max_capacity_prompt);
   // indices come from select_topk, so they are in range by construction: no host sync here.
   be.compact_into(keys, values, indices, s.w, keys_out, values_out);
   auto window_pos = at::arange(s.L - s.w, s.L, pos_opts).expand({s.B, s.Hkv, s.w});

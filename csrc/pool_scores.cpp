@@ -1,11 +1,11 @@
 // CPU 1-D pooling of scores over positions (max or avg, odd kernel, stride 1, same length),
 // then -inf at each row's left padding so a padded position can never be selected.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "cpu_math.h"
 #include "dispatch.h"
 #include "snapkv.h"

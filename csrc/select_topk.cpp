@@ -1,10 +1,10 @@
 // CPU top-k per row: the k best positions by score (ties toward the lower position, NaN last),
 // returned in position order. Same radix select as the CUDA kernel (common.h), serial per row.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "dispatch.h"
 #include "snapkv.h"
 

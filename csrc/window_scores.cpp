@@ -10,10 +10,10 @@
 // one [kBlock, R] block) or, when it fits the O(B*H_kv*L) budget, kept from pass 1 (one [L, R]
 // buffer per worker, used only while workers * R <= 2 * B * H_kv, e.g. full multi-head attention).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "cpu_parallel.h"
 #include "cpu_math.h"
 #include "dispatch.h"
 #include "snapkv.h"
@@ -40,6 +40,15 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   // r = g*w + i is query head kv*G + g, window query i.
   at::Tensor qt = at::zeros({s.B, s.Hkv, D, ldr}, q_window.options().dtype(at::kFloat));
   qt.narrow(3, 0, R).copy_((q_window.to(at::kFloat) * scale).reshape({s.B, s.Hkv, R, D}).transpose(2, 3));
+  // bf16 keys and queries on a CPU with AVX512-BF16: the dot-product kernel takes the unscaled
+  // bf16 queries as pairs, qp[b, kv, e, r] = (q[r][2e], q[r][2e+1]) (zero rows up to ldr).
+  const bool bf16_dot = keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && cpu::has_bf16_dot();
+  at::Tensor qp;
+  if (bf16_dot) {
+    at::Tensor padded = at::zeros({s.B, s.Hkv, ldr, D}, q_window.options());
+    padded.narrow(2, 0, R).copy_(q_window.reshape({s.B, s.Hkv, R, D}));
+    qp = padded.view({s.B, s.Hkv, ldr, D / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous().view(at::kInt);
+  }
   const at::Tensor k = keys.contiguous();
   at::Tensor out = at::zeros({s.B, s.Hkv, N}, qt.options());
   const std::vector<int64_t> pad = pad_values(pad_lengths, s.B);
@@ -67,6 +76,13 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
           cpu::block_logits_t(kh.data_ptr<float>() + j0 * D, nb, D, qh, ldr, st);
         } else if (k.scalar_type() == at::kBFloat16) {
           const auto* kb = reinterpret_cast<const uint16_t*>(kh.data_ptr<at::BFloat16>());
+#ifdef SNAPKV_CPU_BF16_DOT
+          if (bf16_dot) {
+            const auto* qb = reinterpret_cast<const uint32_t*>(qp.data_ptr<int32_t>()) + bh * (D / 2) * ldr;
+            cpu::block_logits_bf16_dot(kb + j0 * D, nb, D, qb, ldr, scale, st);
+            return;
+          }
+#endif
           cpu::block_logits_t_bf16(kb + j0 * D, nb, D, qh, ldr, st);
         } else {  // float16: widen one block into kbuf
           kbuf.narrow(0, 0, nb).copy_(kh.narrow(0, j0, nb));
