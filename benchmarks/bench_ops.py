@@ -8,8 +8,8 @@ window, pool, topk, gather from the repeated cache. Ours selects per KV head wit
     python benchmarks/bench_ops.py --device cuda --lengths 4096 16384 32768 65536 131072
     python benchmarks/bench_ops.py --json out.json
 
-Reported per (config, dtype, L): median milliseconds of ours and of torch, torch/ours (the
-speedup), and for each the peak extra memory of one call (outputs included) and its workspace
+Reported per (config, dtype, L): median milliseconds of ours and of torch (timed alternately),
+torch/ours (the speedup), and for each the peak extra memory of one call (outputs included) and its workspace
 (peak minus what the call leaves allocated, i.e. without the outputs). CPU memory is the peak-RSS
 growth measured in a child process whose malloc returns every large block to the OS on free
 (so the counter sees every allocation; timings run in this process with the default malloc);
@@ -80,24 +80,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def once_ms(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn, device, reps, warmup=1):
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    return statistics.median(once_ms(fn, device) for _ in range(reps))
+
+
+def paired_median_ms(ours, base, device, reps, warmup=2):
+    """Medians of ours and base, timed alternately (so both see the same machine state)."""
+    for _ in range(warmup):
+        ours()
+        base()
+    sync(device)
+    t_ours, t_base = [], []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        t_ours.append(once_ms(ours, device))
+        t_base.append(once_ms(base, device))
+    return statistics.median(t_ours), statistics.median(t_base)
 
 
 def _status_kb(field):
@@ -158,7 +171,15 @@ def make_cases(q, k, v, args):
          lambda: (torch.cat([k[:, :, :-w].gather(2, gidx), k[:, :, -w:]], 2),
                   torch.cat([v[:, :, :-w].gather(2, gidx), v[:, :, -w:]], 2))),
         ("fused", lambda: ops.snapkv_compress(q, k, v, C, ks, "max"), lambda: torch_compress(q, k, v, C, ks)),
+        # The fused path as SnapKVCache runs it: into the cache's preallocated buffers (made
+        # before the call, so the call's extra memory is what it needs on top of the cache).
+        # The baseline computes its outputs as above, then copies them into the same buffers.
+        ("fused_into", lambda: ops.snapkv_compress_into(q, k, v, C, *bufs, ks, "max"),
+         lambda: [b.copy_(o) for b, o in zip(bufs, torch_compress(q, k, v, C, ks))]),
     ]
+    bufs = (k.new_empty(k.shape[0], k.shape[1], C, D), v.new_empty(v.shape[0], v.shape[1], C, D))
+    for b in bufs:
+        b.zero_()  # touched once here, as a cache's buffers would be
     return [c for c in cases if not args.ops or c[0] in args.ops]
 
 
@@ -206,8 +227,7 @@ def run(args):
                 q, k, v = make_inputs(name, dtype, L, args, device)
                 mem = cpu_memory(name, dtype_name, L, args) if device.type == "cpu" else None
                 for op, ours, base in make_cases(q, k, v, args):
-                    t_ours = median_ms(ours, device, args.reps)
-                    t_base = median_ms(base, device, args.reps)
+                    t_ours, t_base = paired_median_ms(ours, base, device, args.reps)
                     if mem is not None:
                         m_ours, ws_ours, m_base, ws_base = mem[op]
                     else:
@@ -235,7 +255,8 @@ def main():
     p.add_argument("--configs", nargs="+", default=["llama3-8b", "lwm-7b"], choices=sorted(CONFIGS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
-    p.add_argument("--ops", nargs="*", default=None, help="subset of window_scores pool_scores select_topk compact fused")
+    p.add_argument("--ops", nargs="*", default=None,
+                   help="subset of window_scores pool_scores select_topk compact fused fused_into")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--budget", type=int, default=2048)

@@ -17,6 +17,8 @@ TORCH_LIBRARY(snapkv, m) {
   m.def("compact_into(Tensor keys, Tensor values, Tensor indices, int window_size, Tensor(a!) keys_out, Tensor(b!) values_out) -> ()");
   // The fused path: -> keys, values [B,H_kv,C',D] and kept positions [B,H_kv,C'], C' = min(L, capacity).
   m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None) -> (Tensor, Tensor, Tensor)");
+  // The fused path into caller-owned keys_out, values_out [B,H_kv,C',D] -> kept positions [B,H_kv,C'].
+  m.def("snapkv_compress_into(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, Tensor(a!) keys_out, Tensor(b!) values_out, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None) -> Tensor");
 }
 
 // `import snapkv_ext._C` loads this library, which runs the registrations above.

@@ -136,20 +136,23 @@ void check_compact_args(const at::Tensor& keys, const at::Tensor& values, const 
   }
 }
 
-void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_t window_size,
-                       const at::Tensor& keys_out, const at::Tensor& values_out) {
-  const std::vector<int64_t> want{keys.size(0), keys.size(1), indices.size(2) + window_size, keys.size(3)};
+void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows, const char* rows_name,
+                  const at::Tensor& keys_out, const at::Tensor& values_out) {
+  const std::vector<int64_t> want{keys.size(0), keys.size(1), rows, keys.size(3)};
   for (const auto* t : {&keys_out, &values_out}) {
     const char* name = t == &keys_out ? "keys_out" : "values_out";
-    SNAPKV_CHECK(t->sizes() == at::IntArrayRef(want), name, " must be [B, H_kv, k + w, D] = ",
+    SNAPKV_CHECK(t->sizes() == at::IntArrayRef(want), name, " must be [B, H_kv, ", rows_name, ", D] = ",
                  at::IntArrayRef(want), ", got ", shape_str(*t));
     SNAPKV_CHECK(t->scalar_type() == keys.scalar_type(), name, " must have the dtype of keys (",
                  keys.scalar_type(), "), got ", t->scalar_type());
     SNAPKV_CHECK(t->device() == keys.device(), name, " must be on ", keys.device(), ", got ", t->device());
     SNAPKV_CHECK(t->stride(3) == 1, name, " must be contiguous in its last dim, got strides ",
                  t->strides());
+    // Rows are read and written in parallel: any shared memory could be overwritten before it is read.
+    SNAPKV_CHECK(!t->is_alias_of(keys) && !t->is_alias_of(values), name,
+                 " must not share memory with the input keys or values");
   }
-  SNAPKV_CHECK(!keys_out.is_same(values_out), "keys_out and values_out must be different tensors");
+  SNAPKV_CHECK(!keys_out.is_alias_of(values_out), "keys_out and values_out must not share memory");
 }
 
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B) {

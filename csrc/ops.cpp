@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "dispatch.h"
 #include "ops_impl.h"
 #include "snapkv.h"
@@ -34,19 +36,17 @@ void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tens
                        const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
                        const at::Tensor& values_out) {
   check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
-  check_compact_out(keys, indices, window_size, keys_out, values_out);
-  for (const auto* o : {&keys_out, &values_out}) {
-    SNAPKV_CHECK(!o->is_same(keys) && !o->is_same(values),
-                 "keys_out and values_out must not be the input keys or values");
-  }
+  check_kv_out(keys, values, indices.size(2) + window_size, "k + w", keys_out, values_out);
   be.compact_into(keys, values, indices, window_size, keys_out, values_out);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
-    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
-    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale) {
+namespace {
+
+// Checks of the fused path's arguments (not the outputs); returns the window shape.
+WindowShape check_compress_args(const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
+                                int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
+                                const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
+                                c10::optional<double> scale) {
   const WindowShape s = check_window_args(q_window, keys, pad_lengths);
   SNAPKV_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(),
                ", got ", values.sizes());
@@ -60,24 +60,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
   parse_pooling(pooling);
   parse_group_reduce(group_reduce);
   resolve_scale(scale, s.D);
+  return s;
+}
 
+// Score, pool, select and compact into the (checked) outputs; -> kept positions.
+at::Tensor compress_checked(const Backend& be, const WindowShape& s, const at::Tensor& q_window,
+                            const at::Tensor& keys, const at::Tensor& values, int64_t max_capacity_prompt,
+                            const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
+                            const std::string& pooling, const std::string& group_reduce,
+                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
   auto pos_opts = keys.options().dtype(at::kLong);
   if (s.L <= max_capacity_prompt) {
     // Nothing is dropped: the cache is the prompt's, exactly.
-    auto positions = at::arange(s.L, pos_opts).expand({s.B, s.Hkv, s.L}).contiguous();
-    return {keys.clone(at::MemoryFormat::Contiguous), values.clone(at::MemoryFormat::Contiguous),
-            positions};
+    keys_out.copy_(keys);
+    values_out.copy_(values);
+    return at::arange(s.L, pos_opts).expand({s.B, s.Hkv, s.L}).contiguous();
   }
   const int64_t k = max_capacity_prompt - s.w;
   auto scores = be.window_scores(q_window, keys, pad_lengths, group_reduce, scale);
   auto pooled = be.pool_scores(scores, kernel_size, pooling, pad_lengths);
   auto indices = be.select_topk(pooled, k);
-  auto [keys_out, values_out] = new_kv_outputs(keys, max_capacity_prompt);
   // indices come from select_topk, so they are in range by construction: no host sync here.
   be.compact_into(keys, values, indices, s.w, keys_out, values_out);
   auto window_pos = at::arange(s.L - s.w, s.L, pos_opts).expand({s.B, s.Hkv, s.w});
-  auto positions = at::cat({indices, window_pos}, 2);
+  return at::cat({indices, window_pos}, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
+    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
+    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
+    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
+    c10::optional<double> scale) {
+  const WindowShape s = check_compress_args(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
+                                            group_reduce, pad_lengths, scale);
+  auto [keys_out, values_out] = new_kv_outputs(keys, std::min(s.L, max_capacity_prompt));
+  auto positions = compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out,
+                                    kernel_size, pooling, group_reduce, pad_lengths, scale);
   return {keys_out, values_out, positions};
+}
+
+at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
+                              const at::Tensor& values, int64_t max_capacity_prompt,
+                              const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
+                              const std::string& pooling, const std::string& group_reduce,
+                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
+  const WindowShape s = check_compress_args(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
+                                            group_reduce, pad_lengths, scale);
+  check_kv_out(keys, values, std::min(s.L, max_capacity_prompt), "min(L, max_capacity_prompt)", keys_out,
+               values_out);
+  return compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size,
+                          pooling, group_reduce, pad_lengths, scale);
 }
 
 const Backend kCpuBackend{&window_scores_cpu, &pool_scores_cpu, &select_topk_cpu,

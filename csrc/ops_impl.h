@@ -90,6 +90,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_op(
                        std::string(pooling), std::string(group_reduce), pad_lengths, scale);
 }
 
+template <const Backend& BE>
+at::Tensor compress_into_op(const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
+                            int64_t max_capacity_prompt, const at::Tensor& keys_out, const at::Tensor& values_out,
+                            int64_t kernel_size, c10::string_view pooling, c10::string_view group_reduce,
+                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
+  NvtxRange r("snapkv::snapkv_compress_into", keys);
+  return compress_into_with(BE, q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size,
+                            std::string(pooling), std::string(group_reduce), pad_lengths, scale);
+}
+
 // Registers every op of the `snapkv` library for one dispatch key with BE's kernels.
 template <const Backend& BE>
 void register_device_ops(torch::Library& m) {
@@ -99,6 +109,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("compact", TORCH_FN(compact_op<BE>));
   m.impl("compact_into", TORCH_FN(compact_into_op<BE>));
   m.impl("snapkv_compress", TORCH_FN(compress_op<BE>));
+  m.impl("snapkv_compress_into", TORCH_FN(compress_into_op<BE>));
 }
 
 }  // namespace snapkv

@@ -43,9 +43,10 @@ void check_topk_args(const at::Tensor& scores, int64_t k);
 // With check_values, also that every index lies in [0, L - window_size) (a host sync on CUDA).
 void check_compact_args(const at::Tensor& keys, const at::Tensor& values,
                         const at::Tensor& indices, int64_t window_size, bool check_values);
-// Validates caller-owned outputs [B, H_kv, k + w, D] (last dim contiguous, dtype/device of keys).
-void check_compact_out(const at::Tensor& keys, const at::Tensor& indices, int64_t window_size,
-                       const at::Tensor& keys_out, const at::Tensor& values_out);
+// Validates caller-owned outputs [B, H_kv, rows, D]: last dim contiguous, dtype/device of keys,
+// no memory shared with the inputs or each other. rows_name says what rows is, for the message.
+void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows, const char* rows_name,
+                  const at::Tensor& keys_out, const at::Tensor& values_out);
 // The (already checked) left padding of each of B rows, zeros when pad_lengths is absent.
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B);
 // 1 / sqrt(D) unless given; must be finite and positive.
@@ -105,5 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
     const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
     c10::optional<double> scale);
+// The fused path into caller-owned keys_out/values_out [B, H_kv, C', D] (e.g. the front of a
+// preallocated cache); returns the kept positions [B, H_kv, C'] int64.
+at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
+                              const at::Tensor& values, int64_t max_capacity_prompt,
+                              const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
+                              const std::string& pooling, const std::string& group_reduce,
+                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale);
 
 }  // namespace snapkv

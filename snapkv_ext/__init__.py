@@ -14,6 +14,7 @@ from .ops import (
     pool_scores,
     select_topk,
     snapkv_compress,
+    snapkv_compress_into,
     window_scores,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "reference",
     "select_topk",
     "snapkv_compress",
+    "snapkv_compress_into",
     "window_scores",
 ]
 __version__ = "0.1.0"

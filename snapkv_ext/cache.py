@@ -210,14 +210,29 @@ class SnapKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    def _allocate(self, like: Tensor, n: int) -> None:
+        """Fresh, empty buffers for n entries shaped like `like` [B, H_kv, *, D]."""
+        B, H, _, D = like.shape
+        self._kbuf = torch.empty((B, H, n, D), dtype=like.dtype, device=like.device)
+        self._vbuf = torch.empty_like(self._kbuf)
+        self._pbuf = torch.empty((B, H, n), dtype=torch.int64, device=like.device)
+        self.physical = 0
+
     def _store(self, k: Tensor, v: Tensor, positions: Tensor, reserve: int) -> None:
         """Make (k, v) the whole content, in a buffer with room for `reserve` more entries."""
-        B, H, n, D = k.shape
-        self._kbuf = torch.empty((B, H, n + reserve, D), dtype=k.dtype, device=k.device)
-        self._vbuf = torch.empty_like(self._kbuf)
-        self._pbuf = torch.empty((B, H, n + reserve), dtype=torch.int64, device=k.device)
-        self.physical = 0
+        self._allocate(k, k.shape[2] + reserve)
         self._write(k, v, positions)
+
+    def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending, reserve: int) -> None:
+        """Make SnapKV's selection from (k_all, v_all) the whole content: compressed straight
+        into the new buffers (no temporary of the compressed size), with room for `reserve` more."""
+        q_window, pad, budget = pending
+        n = min(k_all.shape[2], budget)
+        self._allocate(k_all, n + reserve)
+        phys = self._cache._compress_into(q_window, k_all, v_all, budget, pad, self._kbuf[:, :, :n], self._vbuf[:, :, :n])
+        self._pbuf[:, :, :n].copy_(pos_all.gather(2, phys))
+        self.physical = n
+        self._views()
 
     def _views(self) -> None:
         self.keys = self._kbuf[:, :, : self.physical]
@@ -309,9 +324,7 @@ class SnapKVLayer(CacheLayerMixin):
         all of it when nothing is pending; return the full KV for the current attention."""
         cache = self._cache
         if pending is not None:
-            q_window, pad, budget = pending
-            kc, vc, phys = cache._compress(q_window, k_all, v_all, budget, pad)
-            self._store(kc, vc, pos_all.gather(2, phys), cache.config.decode_reserve)
+            self._store_selection(k_all, v_all, pos_all, pending, cache.config.decode_reserve)
             self.compressions += 1
         else:
             self._store(k_all, v_all, pos_all, cache.config.decode_reserve)
@@ -450,7 +463,9 @@ class SnapKVCache(Cache):
         budget = cfg.budget(layer.logical + n)
         return budget if layer.physical + n > budget else 0
 
-    def _compress(self, q_window: Tensor, keys: Tensor, values: Tensor, budget: int, pad: Optional[Tensor]):
+    def _compress_into(self, q_window: Tensor, keys: Tensor, values: Tensor, budget: int, pad: Optional[Tensor],
+                       keys_out: Tensor, values_out: Tensor) -> Tensor:
+        """SnapKV over (keys, values) written into keys_out/values_out; -> the kept indices."""
         cfg = self.config
         L, w = keys.shape[2], q_window.shape[2]
         if pad is not None:
@@ -459,8 +474,9 @@ class SnapKVCache(Cache):
             if not bool((pad > 0).any()):
                 pad = None
         q_window = q_window.to(keys.dtype)
-        fn = reference.snapkv_compress if cfg.use_reference else ops.snapkv_compress
-        return fn(q_window, keys, values, budget, cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad)
+        fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
+        return fn(q_window, keys, values, budget, keys_out, values_out, cfg.kernel_size, cfg.pooling,
+                  cfg.group_reduce, pad)
 
     def _track_prefill(self, layer: SnapKVLayer, key_states: Tensor, value_states: Tensor) -> None:
         full = 2 * key_states.numel() * key_states.element_size()

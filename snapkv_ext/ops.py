@@ -122,6 +122,32 @@ def snapkv_compress(
     )
 
 
+def snapkv_compress_into(
+    q_window: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    max_capacity_prompt: int,
+    keys_out: Tensor,
+    values_out: Tensor,
+    kernel_size: int = 7,
+    pooling: str = "max",
+    group_reduce: str = "mean",
+    pad_lengths: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """:func:`snapkv_compress` into caller-owned ``keys_out``/``values_out`` ``[B, H_kv, C', D]``,
+    ``C' = min(L, max_capacity_prompt)``: e.g. the front of a preallocated cache, so the
+    compressed KV is written once, where it will live, with no temporary of its size.
+
+    The outputs may be strided views (last dim contiguous) and must not share memory with the
+    inputs. Returns the kept positions ``[B, H_kv, C']`` int64.
+    """
+    return _ops.snapkv_compress_into(
+        q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size, pooling, group_reduce,
+        pad_lengths, scale,
+    )
+
+
 # ---- fake (meta) implementations: shapes only, for torch.compile and opcheck ----
 
 
@@ -162,3 +188,12 @@ def _snapkv_compress_fake(
     return keys.new_empty((B, H_kv, c, D)), values.new_empty((B, H_kv, c, D)), keys.new_empty(
         (B, H_kv, c), dtype=torch.int64
     )
+
+
+@torch.library.register_fake("snapkv::snapkv_compress_into")
+def _snapkv_compress_into_fake(
+    q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size=7, pooling="max",
+    group_reduce="mean", pad_lengths=None, scale=None,
+):
+    B, H_kv, L, _ = keys.shape
+    return keys.new_empty((B, H_kv, min(L, max_capacity_prompt)), dtype=torch.int64)

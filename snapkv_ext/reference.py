@@ -107,3 +107,16 @@ def snapkv_compress(
     k_out, v_out = compact(keys, values, idx, w)
     win = torch.arange(L - w, L, device=keys.device).expand(B, H_kv, w)
     return k_out, v_out, torch.cat([idx, win], dim=2)
+
+
+def snapkv_compress_into(
+    q_window: Tensor, keys: Tensor, values: Tensor, max_capacity_prompt: int, keys_out: Tensor,
+    values_out: Tensor, kernel_size: int = 7, pooling: str = "max", group_reduce: str = "mean",
+    pad_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
+) -> Tensor:
+    """Reference of :func:`snapkv_ext.ops.snapkv_compress_into`."""
+    k_out, v_out, pos = snapkv_compress(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
+                                        group_reduce, pad_lengths, scale)
+    keys_out.copy_(k_out)
+    values_out.copy_(v_out)
+    return pos

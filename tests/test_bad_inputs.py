@@ -58,6 +58,18 @@ def cases(device):
         ("kernel_size must be a positive odd", lambda: ops.snapkv_compress(q, k, v, 32, 6)),
         ("pooling must be 'max' or 'avg'", lambda: ops.snapkv_compress(q, k, v, 32, 7, "sum")),
         ("values must have the shape of keys", lambda: ops.snapkv_compress(q, k, v[:, :, :40], 32)),
+        ("must not share memory with the input keys or values",
+         lambda: ops.compact_into(k, v, idx, 8, k[:, :, :18], t(1, 2, 18, 64, device=device))),
+        ("keys_out and values_out must not share memory",
+         lambda: (lambda b: ops.compact_into(k, v, idx, 8, b[:, :, :18], b[:, :, 18:]))(t(1, 2, 36, 64, device=device))),
+        ("keys_out must be [B, H_kv, min(L, max_capacity_prompt), D]",
+         lambda: ops.snapkv_compress_into(q, k, v, 32, t(1, 2, 31, 64, device=device), t(1, 2, 32, 64, device=device))),
+        ("values_out must be [B, H_kv, min(L, max_capacity_prompt), D]",
+         lambda: ops.snapkv_compress_into(q, k, v, 64, t(1, 2, 50, 64, device=device), t(1, 2, 64, 64, device=device))),
+        ("values_out must not share memory with the input keys or values",
+         lambda: ops.snapkv_compress_into(q, k, v, 32, t(1, 2, 32, 64, device=device), v[:, :, 10:42])),
+        ("max_capacity_prompt must be larger than the window",
+         lambda: ops.snapkv_compress_into(q, k, v, 8, t(1, 2, 8, 64, device=device), t(1, 2, 8, 64, device=device))),
     ]
 
 
@@ -77,6 +89,14 @@ def test_compact_into_untouched_on_error(device):
     ko, vo = torch.zeros(1, 2, 18, 64, device=device), torch.zeros(1, 2, 18, 64, device=device)
     with pytest.raises(RuntimeError, match="indices must lie"):
         ops.compact_into(k, k.clone(), idx, 8, ko, vo)
+    assert (ko == 0).all() and (vo == 0).all()
+
+
+def test_compress_into_untouched_on_error(device):
+    q, k = t(1, 4, 8, 64, device=device), t(1, 2, 50, 64, device=device)
+    ko, vo = torch.zeros(1, 2, 32, 64, device=device), torch.zeros(1, 2, 32, 64, device=device)
+    with pytest.raises(RuntimeError, match="kernel_size"):
+        ops.snapkv_compress_into(q, k, k.clone(), 32, ko, vo, kernel_size=4)
     assert (ko == 0).all() and (vo == 0).all()
 
 

@@ -103,3 +103,22 @@ def test_short_padded_row_stays_left_padded(device, gen):
     n_pad = (C - w) - (L - w - 150)
     assert torch.equal(row[:, :n_pad], torch.arange(n_pad).expand(2, n_pad))
     assert torch.equal(row[:, n_pad:], torch.arange(150, L - w).expand(2, L - w - 150))
+
+
+@pytest.mark.parametrize("L", [500, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compress_into_preallocated_buffer(device, gen, dtype, L):
+    """snapkv_compress_into writes exactly what snapkv_compress returns into the front of a
+    larger (strided) buffer, leaves the rest of it alone, and returns the same positions; also
+    when the prompt fits (L <= capacity: a copy)."""
+    q, k, v = make(2, 8, 2, L, 64, 16, dtype, device, gen)
+    C = 128
+    pad = torch.tensor([0, 40], device=device)
+    ko, vo, pos = ops.snapkv_compress(q, k, v, C, 7, "max", "mean", pad)
+    n = ko.shape[2]
+    kbuf = torch.full((2, 2, C + 10, 64), 3.0, dtype=dtype, device=device)
+    vbuf = torch.full((2, C + 10, 2, 64), 3.0, dtype=dtype, device=device).transpose(1, 2)  # strided
+    got = ops.snapkv_compress_into(q, k, v, C, kbuf[:, :, :n], vbuf[:, :, :n], 7, "max", "mean", pad)
+    assert torch.equal(got, pos)
+    assert torch.equal(kbuf[:, :, :n], ko) and torch.equal(vbuf[:, :, :n], vo)
+    assert (kbuf[:, :, n:] == 3).all() and (vbuf[:, :, n:] == 3).all()

@@ -33,6 +33,9 @@ def test_opcheck(device, gen):
         (snap.compact_into.default, (k, v, idx, 8, ko, vo)),
         (snap.snapkv_compress.default, (q, k, v, 16, 7, "max", "mean", pad, None)),
         (snap.snapkv_compress.default, (q, k, v, 64, 7, "max", "mean", None, None)),
+        (snap.snapkv_compress_into.default, (q, k, v, 16, ko[:, :, :16], vo[:, :, 2:], 7, "max", "mean", pad, None)),
+        (snap.snapkv_compress_into.default, (q, k, v, 64, ko.new_empty(2, 2, 40, 64), vo.new_empty(2, 2, 40, 64),
+                                             5, "avg", "max", None, None)),
     ]:
         torch.library.opcheck(op, args)
 
@@ -45,7 +48,9 @@ def test_compile_fullgraph(device, gen):
         idx = ops.select_topk(s, 8)
         ck, cv = ops.compact(k, v, idx, 8)
         fk, fv, pos = ops.snapkv_compress(q, k, v, 16, 7, "max", "mean", pad)
-        return ck + 1, cv, fk, fv, pos
+        ik, iv = torch.zeros_like(fk), torch.zeros_like(fv)
+        ipos = ops.snapkv_compress_into(q, k, v, 16, ik, iv, 7, "max", "mean", pad)
+        return ck + 1, cv, fk, fv, pos, ik, iv, ipos
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(q, k, v, pad), step(q, k, v, pad)):
