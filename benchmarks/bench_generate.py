@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import DynamicCache  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
+from snapkv_ext.cache import cache_kwargs  # noqa: E402
 from common import timed  # noqa: E402
 from snapkv_ext.evaluate import cache_bytes  # noqa: E402
 from snapkv_ext.haystack import haystack  # noqa: E402
@@ -48,7 +49,7 @@ def prompt_ids(tok, n, batch, vocab, device):
 
 def prefill(model, ids, cache):
     with torch.no_grad():
-        return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
 
 
 def decode_ms(model, cache, steps, device, first_token):
@@ -57,7 +58,7 @@ def decode_ms(model, cache, steps, device, first_token):
     times = []
     with torch.no_grad():
         for _ in range(steps):
-            dt, logits = timed(lambda: model(tok, past_key_values=cache, use_cache=True).logits, device)
+            dt, logits = timed(lambda: model(tok, **cache_kwargs(model, cache), use_cache=True).logits, device)
             tok = logits[:, -1:].argmax(-1)
             times.append(dt * 1e3)
     return statistics.median(times[1:])
@@ -131,7 +132,7 @@ def max_length_search(model, args):
                 c = make()
                 prefill(model, ids, c)
                 with torch.no_grad():
-                    model(ids[:, -1:], past_key_values=c)
+                    model(ids[:, -1:], **cache_kwargs(model, c))
                 lo = L
                 del c, ids
             except torch.OutOfMemoryError:

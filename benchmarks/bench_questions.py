@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from snapkv_ext import SnapKVCache, SnapKVDocument  # noqa: E402
+from snapkv_ext.cache import cache_kwargs  # noqa: E402
 from snapkv_ext.haystack import FACTS, facts_document  # noqa: E402
 from snapkv_ext.models import RANDOM_SHAPES, load_by_name  # noqa: E402
 from common import sync, timed  # noqa: E402
@@ -36,7 +37,7 @@ def ttft(fn, dev):
 
 def answer(model, tok, ids, cache, n=16):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=n,
                              do_sample=False)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
@@ -75,7 +76,7 @@ def main():
             q = q.to(dev)
             full = torch.cat([doc, q], dim=1)
             t_doc.append(ttft(lambda: d.prefill(q)[1], dev))
-            t_re.append(ttft(lambda: model(full, past_key_values=SnapKVCache(model, **kw), use_cache=True,
+            t_re.append(ttft(lambda: model(full, **cache_kwargs(model, SnapKVCache(model, **kw)), use_cache=True,
                                            logits_to_keep=1).logits[:, -1], dev))
         row = dict(doc_tokens=doc.shape[1], questions=len(questions), read_once_s=read_s,
                    ttft_document_s=statistics.median(t_doc), ttft_reprefill_s=statistics.median(t_re))
@@ -97,7 +98,7 @@ def main():
             d = SnapKVDocument(model, doc, **kwr)
             agnostic = SnapKVCache(model, recompress=False, **kwr)
             with torch.no_grad():
-                model(doc, past_key_values=agnostic)
+                model(doc, **cache_kwargs(model, agnostic))
             right = {"document": 0, "question_agnostic": 0, "from_scratch": 0}
             for q, ans in questions:
                 q = q.to(dev)

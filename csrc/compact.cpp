@@ -10,6 +10,7 @@
 #endif
 
 #include "cpu_parallel.h"
+#include "cpu_math.h"
 #include "dispatch.h"
 #include "snapkv.h"
 
@@ -18,7 +19,10 @@ namespace snapkv {
 void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (!fresh.is_cpu() || fresh.nbytes() < 2 * kHuge) return;
+  // SNAPKV_CPU_NO_HUGE_PAGES=1 turns the advice off (bench_ops.py does, to count memory by RSS:
+  // Linux folds a few 2 MB faults into the RSS counters too late for a precise reading).
+  static const bool off = cpu::env_flag("SNAPKV_CPU_NO_HUGE_PAGES");
+  if (off || !fresh.is_cpu() || fresh.nbytes() < 2 * kHuge) return;
   const auto p = reinterpret_cast<uintptr_t>(fresh.data_ptr());
   const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + fresh.nbytes()) & ~(kHuge - 1);
   // Only whole 2 MB pages inside the tensor; the result is ignored, as the advice is a hint.

@@ -1,7 +1,7 @@
 """SnapKVCache: a drop-in Transformers cache that compresses the prompt's KV with SnapKV.
 
     cache = SnapKVCache(model, max_capacity_prompt=1024, window_size=32, kernel_size=7, pooling="max")
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)  # cache=cache from 5.24
     print(cache.stats())
 
 How it plugs in (Transformers 5.x public Cache API, no monkeypatching):
@@ -21,6 +21,8 @@ How it plugs in (Transformers 5.x public Cache API, no monkeypatching):
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -97,6 +99,18 @@ class SnapKVConfig:
 
 
 # ---------------------------------------------------------------- queries of the window
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> Dict[str, object]:
+    """``{name: cache}`` for ``model(...)`` and ``model.generate(...)``: the argument is ``cache``
+    from Transformers 5.24 on (``past_key_values`` there is deprecated, removed in 5.40/6.0) and
+    ``past_key_values`` before. ``model(ids, **cache_kwargs(model, cache))`` works on every 5.x."""
+    return {_cache_argument(type(model)): cache}
 
 
 def _rotate_half(x: Tensor) -> Tensor:

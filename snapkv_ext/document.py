@@ -5,7 +5,7 @@ observation window, without re-reading the document.
     answer = doc.generate(question_ids, max_new_tokens=32)           # [1, new] tokens
     answers = doc.generate([q1_ids, q2_ids, q3_ids], max_new_tokens=32)   # a batch of questions
     # or with generate() directly:
-    model.generate(torch.cat([doc_ids, question_ids], 1), past_key_values=doc.cache_for(), ...)
+    model.generate(torch.cat([doc_ids, question_ids], 1), cache=doc.cache_for(), ...)  # past_key_values= before 5.24
 
 The document's full KV is computed once and kept off the fast path (in CPU memory, pinned when
 the model is on a GPU), one layer streamed in at a time. For each question a fresh SnapKVCache is
@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .cache import SnapKVCache, SnapKVConfig, _attention_modules, window_queries
+from .cache import SnapKVCache, SnapKVConfig, _attention_modules, cache_kwargs, window_queries
 
 try:
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -98,7 +98,7 @@ class SnapKVDocument:
         handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self._modules]
         try:
             with torch.no_grad():
-                self.model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **forward_kwargs)
+                self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **forward_kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -167,7 +167,7 @@ class SnapKVDocument:
         cache = self.cache_for()
         pos = torch.arange(self.length, self.length + q.shape[1], device=q.device)[None]
         with torch.no_grad():
-            logits = self.model(q, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = self.model(q, position_ids=pos, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1).logits
         return cache, logits[:, -1]
 
     def generate(self, question_ids: Union[Tensor, Sequence[Tensor]], max_new_tokens: int = 32, **generate_kwargs):
@@ -178,7 +178,7 @@ class SnapKVDocument:
             q = self._question(question_ids)
             ids = torch.cat([self.input_ids, q], dim=1)
             with torch.no_grad():
-                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=self.cache_for(),
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(self.model, self.cache_for()),
                                           max_new_tokens=max_new_tokens, **generate_kwargs)
             return out[:, ids.shape[1]:]
         if generate_kwargs:
@@ -218,7 +218,7 @@ class SnapKVDocument:
                 if all(done):
                     break
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], dim=1)
-                logits = self.model(tok, position_ids=positions, attention_mask=mask, past_key_values=batched,
+                logits = self.model(tok, position_ids=positions, attention_mask=mask, **cache_kwargs(self.model, batched),
                                     use_cache=True).logits
                 tok = logits[:, -1:].argmax(-1)
                 positions = positions + 1

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cache import SnapKVCache
+from .cache import SnapKVCache, cache_kwargs
 from .haystack import chat_ids, needle_case, retrieved
 
 
@@ -118,7 +118,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
         _sync(device)
         t0 = time.perf_counter()
         with _layer_progress(model, bar.update if bar else None):
-            logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         _sync(device)
         prefill_s = time.perf_counter() - t0
         if bar:
@@ -137,7 +137,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
         for _ in range(max_new_tokens - 1):
             if out[-1] in eos:
                 break
-            logits = model(tok, past_key_values=cache, use_cache=True).logits
+            logits = model(tok, **cache_kwargs(model, cache), use_cache=True).logits
             tok = logits[:, -1:].argmax(-1)
             out.append(int(tok))
             if dbar:

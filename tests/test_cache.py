@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 import snapkv_ext.cache as cache_mod
 from snapkv_ext import SnapKVCache, SnapKVConfig, reference
+from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
@@ -25,7 +26,7 @@ def prompt(n, batch=1, seed=0, vocab=128):
 
 def greedy(model, ids, cache, n=8, **kw):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), past_key_values=cache,
+        out = model.generate(ids, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), **cache_kwargs(model, cache),
                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
     return out[:, ids.shape[1]:]
 
@@ -55,7 +56,7 @@ def test_sampling_runs():
     torch.manual_seed(0)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20, max_new_tokens=6,
-                             past_key_values=SnapKVCache(model, max_capacity_prompt=20, window_size=4), pad_token_id=0)
+                             **cache_kwargs(model, SnapKVCache(model, max_capacity_prompt=20, window_size=4)), pad_token_id=0)
     assert out.shape == (1, 56)
 
 
@@ -68,9 +69,9 @@ def test_logits_match_dynamic_cache_when_it_fits(arch):
     logits = []
     with torch.no_grad():
         for c in caches:
-            out = [model(ids, past_key_values=c).logits[:, -1]]
+            out = [model(ids, **cache_kwargs(model, c)).logits[:, -1]]
             for t in range(3):
-                out.append(model(torch.tensor([[5 + t]]), past_key_values=c).logits[:, -1])
+                out.append(model(torch.tensor([[5 + t]]), **cache_kwargs(model, c)).logits[:, -1])
             logits.append(torch.stack(out))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
@@ -100,7 +101,7 @@ def test_window_queries_are_the_real_queries(monkeypatch):
     monkeypatch.setattr(cache_mod, "window_queries", wq)
     ids = prompt(50)
     with torch.no_grad():
-        model(ids, past_key_values=SnapKVCache(model, max_capacity_prompt=20, window_size=8))
+        model(ids, **cache_kwargs(model, SnapKVCache(model, max_capacity_prompt=20, window_size=8)))
     for layer, q in enumerate(calls):
         real[layer] = q[:, :, -8:]
     assert set(ours) == {0, 1}
@@ -113,7 +114,7 @@ def test_gqa_heads_positions_and_layer_by_layer():
     ids = prompt(200)
     cache = SnapKVCache(model, max_capacity_prompt=48, window_size=8, kernel_size=5, decode_reserve=8)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     for layer in cache.layers:
         assert layer.keys.shape == (1, 2, 48, 16), "the cache holds H_kv heads, never repeated ones"
         pos = layer.positions
@@ -146,7 +147,7 @@ def test_decoding_equals_attention_over_kept_entries():
                if hasattr(m, "q_proj")]
     with torch.no_grad():
         full = DynamicCache()
-        model(ids, past_key_values=full)
+        model(ids, **cache_kwargs(model, full))
     for h in handles:
         h.remove()
     by_hand = DynamicCache()
@@ -155,10 +156,10 @@ def test_decoding_equals_attention_over_kept_entries():
         by_hand.update(k, v, i)
     nxt = torch.tensor([[7]])
     with torch.no_grad():
-        want = model(nxt, past_key_values=by_hand, position_ids=torch.tensor([[L]])).logits
+        want = model(nxt, **cache_kwargs(model, by_hand), position_ids=torch.tensor([[L]])).logits
         snap = SnapKVCache(model, max_capacity_prompt=C, window_size=w, kernel_size=7)
-        model(ids, past_key_values=snap)
-        got = model(nxt, past_key_values=snap).logits
+        model(ids, **cache_kwargs(model, snap))
+        got = model(nxt, **cache_kwargs(model, snap)).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for i, layer in enumerate(snap.layers):
         assert torch.equal(layer.keys[:, :, :C], by_hand.layers[i].keys[:, :, :C])
@@ -197,7 +198,7 @@ def test_document_once_many_questions_and_turns():
     h = [m.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["hidden_states"].shape[1]), with_kwargs=True)
          for m in model.modules() if hasattr(m, "q_proj")][:1]
     with torch.no_grad():
-        model(doc, past_key_values=cache)
+        model(doc, **cache_kwargs(model, cache))
     for q_seed in (1, 2):
         question = prompt(20, seed=q_seed)
         seen.clear()
@@ -213,8 +214,8 @@ def test_document_once_many_questions_and_turns():
     # Without re-selection, a turn is appended.
     c = SnapKVCache(model, max_capacity_prompt=48, window_size=8, recompress=False)
     with torch.no_grad():
-        model(doc, past_key_values=c)
-        model(prompt(20, seed=5), past_key_values=c)
+        model(doc, **cache_kwargs(model, c))
+        model(prompt(20, seed=5), **cache_kwargs(model, c))
     assert c.stats()["physical_length"][0] == 68 and c.get_seq_length() == 220
 
 
@@ -224,7 +225,7 @@ def test_reference_flag_gives_the_same_cache():
     caches = [SnapKVCache(model, max_capacity_prompt=40, window_size=8, use_reference=flag) for flag in (False, True)]
     with torch.no_grad():
         for c in caches:
-            model(ids, past_key_values=c)
+            model(ids, **cache_kwargs(model, c))
     for a, b in zip(caches[0].layers, caches[1].layers):
         assert torch.equal(a.positions, b.positions)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
@@ -254,7 +255,7 @@ def test_ratio_budget():
     model = tiny_model("llama")
     c = SnapKVCache(model, compression_ratio=0.25, window_size=8)
     with torch.no_grad():
-        model(prompt(200), past_key_values=c)
+        model(prompt(200), **cache_kwargs(model, c))
     assert c.stats()["physical_length"] == [50, 50]
     assert c.stats()["kv_bytes"] == 2 * 2 * 50 * 16 * 4 * 2  # layers * (k, v) * H_kv * C * D * fp32
 
@@ -288,11 +289,11 @@ def test_misuse_is_a_clear_error():
     c = SnapKVCache(m1, max_capacity_prompt=20, window_size=4)
     with torch.no_grad():
         with pytest.raises(ValueError, match="built for another model"):
-            m2(prompt(30), past_key_values=c)
+            m2(prompt(30), **cache_kwargs(m2, c))
         c = SnapKVCache(m1, max_capacity_prompt=20, window_size=4)
-        m1(prompt(30, batch=2), past_key_values=c)
+        m1(prompt(30, batch=2), **cache_kwargs(m1, c))
         with pytest.raises(ValueError, match="batch size changed from 2 to 1"):
-            m1(prompt(1), past_key_values=c)
+            m1(prompt(1), **cache_kwargs(m1, c))
 
 
 def test_unsupported_architecture():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from snapkv_ext import SnapKVCache, SnapKVDocument
+from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.haystack import facts_document
 from snapkv_ext.models import smollm2, tiny_model
 
@@ -19,8 +20,8 @@ def scratch(model, doc, q, n_new, **kw):
     full = torch.cat([doc, q], dim=1)
     c = SnapKVCache(model, **kw)
     with torch.no_grad():
-        model(full, past_key_values=c)
-        out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=SnapKVCache(model, **kw),
+        model(full, **cache_kwargs(model, c))
+        out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(model, SnapKVCache(model, **kw)),
                              max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
     return out[:, full.shape[1]:], c
 
@@ -106,7 +107,7 @@ def test_bad_input():
         d.cache_for(other)
     with pytest.raises(ValueError, match="built for another model"):
         with torch.no_grad():
-            other(ids(20, 2), past_key_values=d.cache_for())
+            other(ids(20, 2), **cache_kwargs(other, d.cache_for()))
     with pytest.raises(ValueError, match="must be longer than window_size"):
         SnapKVDocument(model, ids(8, 0), max_capacity_prompt=32, window_size=8)
     with pytest.raises(ValueError, match="must be \\[L\\] or \\[1, L\\]"):
@@ -127,7 +128,7 @@ def test_five_questions_on_smollm2():
         a = tok.decode(d.generate(q, max_new_tokens=16, do_sample=False)[0], skip_special_tokens=True)
         full = torch.cat([doc, q], dim=1)
         with torch.no_grad():
-            out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=SnapKVCache(model, **kw),
+            out = model.generate(full, attention_mask=torch.ones_like(full), **cache_kwargs(model, SnapKVCache(model, **kw)),
                                  max_new_tokens=16, do_sample=False)
         b = tok.decode(out[0, full.shape[1]:], skip_special_tokens=True)
         assert a == b
@@ -135,7 +136,7 @@ def test_five_questions_on_smollm2():
             c_doc, _ = d.prefill(q)
             c_ref = SnapKVCache(model, **kw)
             with torch.no_grad():
-                model(full, past_key_values=c_ref)
+                model(full, **cache_kwargs(model, c_ref))
             same = sum(torch.equal(x.positions, y.positions) for x, y in zip(c_doc.layers, c_ref.layers))
             assert same == len(c_ref.layers), f"{same}/{len(c_ref.layers)} layers keep the same positions"
         ours += answer in a

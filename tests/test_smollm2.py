@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from snapkv_ext import SnapKVCache
+from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.haystack import chat_ids, needle_case, retrieved
 from snapkv_ext.models import smollm2
 
@@ -17,7 +18,7 @@ def model_tok():
 def generate(model, ids, cache, n=12, mask=None):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
-                             past_key_values=cache, max_new_tokens=n, do_sample=False)
+                             **cache_kwargs(model, cache), max_new_tokens=n, do_sample=False)
     return out[:, ids.shape[1]:]
 
 
@@ -27,9 +28,9 @@ def test_exact_when_the_prompt_fits(model_tok):
     assert torch.equal(generate(model, ids, SnapKVCache(model, max_capacity_prompt=1024)),
                        generate(model, ids, DynamicCache()))
     with torch.no_grad():
-        a = model(ids, past_key_values=DynamicCache()).logits
+        a = model(ids, **cache_kwargs(model, DynamicCache())).logits
         c = SnapKVCache(model, max_capacity_prompt=1024)
-        b = model(ids, past_key_values=c).logits
+        b = model(ids, **cache_kwargs(model, c)).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert c.stats()["compressions"] == [0] * 30
 
@@ -39,7 +40,7 @@ def test_gqa_compressed_cache_shape(model_tok):
     ids = chat_ids(tok, needle_case(tok, 800, 0.3).prompt)
     c = SnapKVCache(model, max_capacity_prompt=200, window_size=16, kernel_size=5)
     with torch.no_grad():
-        model(ids, past_key_values=c)
+        model(ids, **cache_kwargs(model, c))
     st = c.stats()
     assert st["physical_length"] == [200] * 30 and st["logical_length"] == ids.shape[1]
     assert c.layers[0].keys.shape == (1, 3, 200, 64)  # 3 KV heads: selection per KV head
