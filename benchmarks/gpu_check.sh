@@ -38,7 +38,7 @@ fi
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "compute-sanitizer"
-OPS_TESTS="tests/test_window_scores.py tests/test_pool_topk.py tests/test_compact.py tests/test_compress.py tests/test_opcheck_compile.py"
+OPS_TESTS="tests/test_window_scores.py tests/test_pool_topk.py tests/test_compact.py tests/test_compress.py tests/test_opcheck_compile.py tests/test_cpu_paths.py tests/test_bad_inputs.py"
 for tool in memcheck racecheck synccheck; do
   echo "-- $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x -k "cuda" $OPS_TESTS \
