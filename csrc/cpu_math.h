@@ -219,15 +219,35 @@ SNAPKV_CPU_CLONES inline float sum_probs(const float* __restrict__ s, const floa
   return acc;
 }
 
-// acc[j] = pool_combine(mode, acc[j], x[j]) for j < n.
-SNAPKV_CPU_CLONES inline void pool_accumulate(Pooling mode, const float* __restrict__ x, int64_t n,
-                                              float* __restrict__ acc) {
-  if (mode == Pooling::Max) {
+// y[j - j0] = pooled x over the whole window [j - k/2, j + k/2] for j in [j0, j1) (the caller
+// keeps those windows inside x). Blocks of 64 outputs stay in registers across the k offsets.
+SNAPKV_CPU_CLONES inline void pool_interior(Pooling mode, const float* __restrict__ x, int64_t j0, int64_t j1,
+                                            int64_t kernel_size, float* __restrict__ y) {
+  constexpr int64_t kTile = 64;
+  const int64_t half = kernel_size / 2;
+  for (int64_t j = j0; j < j1; j += kTile) {
+    const int64_t n = j1 - j < kTile ? j1 - j : kTile;
+    const float* w = x + j - half;
+    float acc[kTile];
+    if (mode == Pooling::Max) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] = pool_combine(Pooling::Max, acc[j], x[j]);
-  } else {
+      for (int64_t t = 0; t < n; ++t) acc[t] = w[t];
+      for (int64_t o = 1; o < kernel_size; ++o) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+        for (int64_t t = 0; t < n; ++t) acc[t] = pool_combine(Pooling::Max, acc[t], w[t + o]);
+      }
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) y[j - j0 + t] = acc[t];
+    } else {
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) acc[t] = 0.f;
+      for (int64_t o = 0; o < kernel_size; ++o) {
+#pragma omp simd
+        for (int64_t t = 0; t < n; ++t) acc[t] += w[t + o];
+      }
+#pragma omp simd
+      for (int64_t t = 0; t < n; ++t) y[j - j0 + t] = pool_finish(Pooling::Avg, acc[t], kernel_size);
+    }
   }
 }
 
