@@ -46,10 +46,12 @@ def extensions():
         )
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # -fopenmp: at::parallel_for is a header template that runs serially without it (torch's
-    # OpenMP backend); the library links the libgomp torch already loaded (same soname).
-    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    link = ["-fopenmp"]
+    # With torch's OpenMP backend, at::parallel_for is a header template that runs serially in
+    # files built without -fopenmp (csrc/cpu_parallel.h refuses that); the library then links the
+    # libgomp torch has already loaded (same soname), so there is one OpenMP runtime.
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    cxx = opt + (["-fopenmp"] if openmp else ["-fopenmp-simd"]) + ["-Wall", "-Wno-unknown-pragmas"]
+    link = ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
