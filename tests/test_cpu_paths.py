@@ -39,6 +39,20 @@ def test_bf16_widening_kernel(tmp_path, gen, group, head_dim):
         assert (got - want).abs().max().item() <= 2 * fp32_err + 1e-6 * want.abs().max().item()
 
 
+@pytest.mark.parametrize("head_dim", [65, 72])
+def test_bf16_odd_and_unusual_head_dims(device, gen, head_dim):
+    """The bf16 dot-product kernel reads keys in pairs along D: an odd D takes the widening
+    kernel instead; keys at an odd storage offset must still be read right."""
+    q = randn((1, 4, 8, head_dim), torch.bfloat16, device, gen)
+    k_full = randn((1, 1, 301 * head_dim + 1), torch.bfloat16, device, gen, scale=2.0)
+    k = k_full[:, :, 1:].view(1, 1, 301, head_dim)  # contiguous, storage offset 1: unaligned pairs
+    assert k.is_contiguous() and k.storage_offset() == 1
+    got = ops.window_scores(q, k)
+    want = ref.window_scores(q.cpu(), k.cpu())
+    fp32_err = (ref.window_scores(q.cpu(), k.cpu(), dtype=torch.float32) - want).abs().max().item()
+    assert (got.cpu() - want).abs().max().item() <= 2 * fp32_err + 1e-6 * want.abs().max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_outputs(device, gen, dtype):
     """Outputs of several MB take the huge-page allocation path on CPU: still an exact gather."""
