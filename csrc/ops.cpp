@@ -21,27 +21,6 @@ std::pair<at::Tensor, at::Tensor> new_kv_outputs(const at::Tensor& keys, int64_t
   return {keys_out, values_out};
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
-                                                const at::Tensor& values, const at::Tensor& indices,
-                                                int64_t window_size) {
-  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
-  auto [keys_out, values_out] = new_kv_outputs(keys, indices.size(2) + window_size);
-  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
-  return {keys_out, values_out};
-}
-
-void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
-                       const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
-                       const at::Tensor& values_out) {
-  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
-  check_kv_out(keys, values, indices.size(2) + window_size, "k + w", keys_out, values_out);
-  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
-}
-
-namespace {
-
 // Checks of the fused path's arguments (not the outputs); returns the window shape.
 WindowShape check_compress_args(const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
                                 int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
@@ -87,6 +66,23 @@ at::Tensor compress_checked(const Backend& be, const WindowShape& s, const at::T
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
+                                                const at::Tensor& values, const at::Tensor& indices,
+                                                int64_t window_size) {
+  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
+  auto [keys_out, values_out] = new_kv_outputs(keys, indices.size(2) + window_size);
+  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
+  return {keys_out, values_out};
+}
+
+void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
+                       const at::Tensor& values_out) {
+  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
+  check_kv_out(keys, values, indices.size(2) + window_size, "k + w", keys_out, values_out);
+  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,

@@ -36,27 +36,29 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   const int64_t G = s.group(), R = G * s.w, N = s.L - s.w, D = s.D, L = s.L, w = s.w;
   const int64_t ldr = round_up(R, 32);
 
-  // qt[b, kv, d, r]: pre-scaled fp32 queries, transposed, rows padded with zeros to ldr. Row
-  // r = g*w + i is query head kv*G + g, window query i.
-  at::Tensor qt = at::zeros({s.B, s.Hkv, D, ldr}, q_window.options().dtype(at::kFloat));
-  qt.narrow(3, 0, R).copy_((q_window.to(at::kFloat) * scale).reshape({s.B, s.Hkv, R, D}).transpose(2, 3));
-  // bf16 keys and queries on a CPU with AVX512-BF16: the dot-product kernel takes the unscaled
-  // bf16 queries as pairs, qp[b, kv, e, r] = (q[r][2e], q[r][2e+1]) (zero rows up to ldr).
+  const auto f32 = keys.options().dtype(at::kFloat);
+  // The queries in the layout the logit kernel reads; row r = g*w + i is query head kv*G + g,
+  // window query i, rows padded with zeros to ldr. Either
+  //   qp[b, kv, e, r] = (q[r][2e], q[r][2e+1]), unscaled bf16 pairs, for the AVX512-BF16 kernel
+  //     (bf16 keys and queries on a CPU that has it), or
+  //   qt[b, kv, d, r]: pre-scaled fp32 queries, transposed, for the fp32 kernels.
   const bool bf16_dot = keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && cpu::has_bf16_dot();
-  at::Tensor qp;
+  at::Tensor qp, qt;
   if (bf16_dot) {
     at::Tensor padded = at::zeros({s.B, s.Hkv, ldr, D}, q_window.options());
     padded.narrow(2, 0, R).copy_(q_window.reshape({s.B, s.Hkv, R, D}));
     qp = padded.view({s.B, s.Hkv, ldr, D / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous().view(at::kInt);
+  } else {
+    qt = at::zeros({s.B, s.Hkv, D, ldr}, f32);
+    qt.narrow(3, 0, R).copy_((q_window.to(at::kFloat) * scale).reshape({s.B, s.Hkv, R, D}).transpose(2, 3));
   }
   const at::Tensor k = keys.contiguous();
-  at::Tensor out = at::zeros({s.B, s.Hkv, N}, qt.options());
+  at::Tensor out = at::zeros({s.B, s.Hkv, N}, f32);
   const std::vector<int64_t> pad = pad_values(pad_lengths, s.B);
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), s.B * s.Hkv);
   const bool keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
 
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    auto f32 = qt.options();
     at::Tensor logits = at::empty({(keep_logits ? round_up(L, kBlock) : kBlock) * ldr}, f32);
     at::Tensor kbuf = k.scalar_type() == at::kHalf ? at::empty({kBlock, D}, f32) : at::Tensor();
     std::vector<SoftmaxStat> stat(R);
@@ -65,7 +67,7 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / s.Hkv, p0 = pad[b];
-      const float* qh = qt.data_ptr<float>() + bh * D * ldr;
+      const float* qh = bf16_dot ? nullptr : qt.data_ptr<float>() + bh * D * ldr;
       const at::Tensor kh = k[b][bh % s.Hkv];  // [L, D]
       float* o = out.data_ptr<float>() + bh * N;
 
