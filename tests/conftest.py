@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import snapkv_ext
+from snapkv_ext import reference as ref
 
 DEVICES = [
     "cpu",
@@ -27,3 +28,17 @@ def gen():
 def randn(shape, dtype, device, gen, scale=1.0):
     """Random normal tensor made on the CPU (same values whatever the device), then moved."""
     return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=device)
+
+
+def assert_scores_close(out, q, k, pad=None, group_reduce="mean"):
+    """The kernel's error against float64 must be within ~2x what an fp32 reference costs."""
+    want = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce)
+    fp32 = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce, dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert out.shape == want.shape
+    got = out.cpu()
+    assert torch.isfinite(got).all()
+    ref_err = (fp32 - want).abs().max().item()
+    err = (got - want).abs().max().item()
+    floor = 1e-6 * want.abs().max().item() + 1e-9
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs fp32 reference error {ref_err:.3g}"

@@ -5,26 +5,12 @@ import torch
 
 from snapkv_ext import ops, reference as ref
 
-from conftest import randn
+from conftest import assert_scores_close, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GQA = [1, 3, 4, 8]
 HEAD_DIMS = [64, 80, 96, 128, 256]
 REDUCE = ["mean", "max", "sum"]
-
-
-def assert_scores_close(out, q, k, pad=None, group_reduce="mean"):
-    """The kernel's error against float64 must be within ~2x what an fp32 reference costs."""
-    want = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce)
-    fp32 = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce, dtype=torch.float32)
-    assert out.dtype == torch.float32
-    assert out.shape == want.shape
-    got = out.cpu()
-    assert torch.isfinite(got).all()
-    ref_err = (fp32 - want).abs().max().item()
-    err = (got - want).abs().max().item()
-    floor = 1e-6 * want.abs().max().item() + 1e-9
-    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs fp32 reference error {ref_err:.3g}"
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
