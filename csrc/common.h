@@ -46,6 +46,13 @@ SNAPKV_HD SoftmaxStat stat_merge(SoftmaxStat a, SoftmaxStat b) {
   return SoftmaxStat{m, a.l * expf(a.m - m) + b.l * expf(b.m - m)};
 }
 
+// Adds one logit to a row's statistics (one exp); a masked logit (-inf) changes nothing.
+SNAPKV_HD SoftmaxStat stat_push(SoftmaxStat s, float x) {
+  if (x == -INFINITY) return s;
+  if (x > s.m) return SoftmaxStat{x, s.l * expf(s.m - x) + 1.f};
+  return SoftmaxStat{s.m, s.l + expf(x - s.m)};
+}
+
 // log-sum-exp of a row from its statistics; -inf for a row that saw no key.
 SNAPKV_HD float stat_lse(SoftmaxStat s) {
   return s.m == -INFINITY ? -INFINITY : s.m + logf(s.l);
@@ -82,12 +89,13 @@ SNAPKV_HD float pool_finish(Pooling p, float acc, int64_t kernel_size) {
   return p == Pooling::Avg ? acc / static_cast<float>(kernel_size) : acc;
 }
 
-// Top-k order as an unsigned key: a larger key ranks first. Monotone in the float value for
-// every non-NaN (so -inf ranks below every finite score); NaN ranks below everything, so a
-// NaN score is never preferred to a real one. Ties are broken toward the lower position by the
-// selection code (radix_pick_bin's `need`), not here.
+// Top-k order as an unsigned key: a larger key ranks first. The one ranking rule of every
+// implementation (reference, CPU, CUDA): by value, -inf below every finite score, NaN below
+// everything (-inf included), +0 and -0 equal; ties go to the lower position (the selection
+// code's `need`, not the key). Monotone in the value for every non-NaN.
 SNAPKV_HD uint32_t order_key(float v) {
   if (v != v) return 0u;
+  if (v == 0.f) v = 0.f;  // -0 -> +0: equal scores, so the lower position wins the tie
   union {
     float f;
     uint32_t u;
@@ -116,6 +124,13 @@ SNAPKV_HD int radix_pick_bin(const uint32_t* hist, int64_t* need) {
   }
   *need -= above;
   return 0;
+}
+
+// The same choice, made by one thread per bin in parallel: bin `bin` holds `count` candidates
+// and the bins above it `above`; exactly one bin answers true (the one radix_pick_bin returns),
+// and then need - above is what is still to be taken from it.
+SNAPKV_HD bool radix_bin_takes(int bin, int64_t above, int64_t count, int64_t need) {
+  return above < need && (above + count >= need || bin == 0);
 }
 
 }  // namespace snapkv

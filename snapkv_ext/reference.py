@@ -73,10 +73,15 @@ def pool_scores(scores: Tensor, kernel_size: int, pooling: str = "max", pad_leng
 
 
 def select_topk(scores: Tensor, k: int) -> Tensor:
-    """Reference of :func:`snapkv_ext.ops.select_topk`: best k by score, ties to the lower
-    position, returned in position order."""
-    # A stable descending sort keeps equal scores in position order.
-    order = torch.sort(scores.double().nan_to_num(nan=float("-inf")), dim=-1, descending=True, stable=True).indices
+    """Reference of :func:`snapkv_ext.ops.select_topk`: best k by score, returned in position
+    order. The ranking rule of every implementation: by value (+0 and -0 equal, -inf below every
+    finite score), NaN below everything, ties to the lower position."""
+    x = scores.double()
+    # Stable sorts keep equal scores in position order: by value (NaN set aside as -inf), then
+    # NaN after everything else.
+    order = torch.sort(x.nan_to_num(nan=float("-inf")), dim=-1, descending=True, stable=True).indices
+    nan_last = torch.sort(x.gather(-1, order).isnan().to(torch.uint8), dim=-1, stable=True).indices
+    order = order.gather(-1, nan_last)
     return order[..., :k].sort(dim=-1).values
 
 

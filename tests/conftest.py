@@ -5,6 +5,9 @@ import torch
 import snapkv_ext
 from snapkv_ext import reference as ref
 
+# tests/cuda_sim runs in its own process, with the ASan runtime preloaded: tests/test_cuda_sim.py.
+collect_ignore = ["cuda_sim"]
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),

@@ -40,7 +40,10 @@ def test_pool_dtypes_and_padding(device, gen, dtype):
 def check_topk(scores, idx, k):
     """idx [B, H, k]: sorted, distinct, and every selected score >= every unselected score,
     with ties resolved toward the lower position."""
-    s = scores.double().cpu().nan_to_num(nan=float("-inf"))
+    # NaN ranks below everything, -inf included: map it below -inf for the comparisons.
+    s = scores.double().cpu()
+    s = torch.where(s.isnan(), torch.full_like(s, -float("inf")), s)
+    nan = scores.cpu().isnan()
     idx = idx.cpu()
     assert idx.dtype == torch.int64 and idx.shape == (*s.shape[:2], k)
     if k == 0:
@@ -51,6 +54,9 @@ def check_topk(scores, idx, k):
     worst_chosen = s.masked_fill(~chosen, float("inf")).amin(dim=2)
     best_other = s.masked_fill(chosen, float("-inf")).amax(dim=2)
     assert (worst_chosen >= best_other).all()
+    # A NaN is chosen only when every non-NaN position is.
+    chosen_nan = (chosen & nan).any(dim=2)
+    assert (~chosen_nan | (chosen | nan).all(dim=2)).all(), "NaN must rank below -inf"
     # Ties: an unselected position equal to the worst selected one must come after every
     # selected position of that value.
     for b in range(s.shape[0]):
@@ -89,8 +95,19 @@ def test_topk_inf_and_nan(device):
 
 
 def test_topk_negative_zero(device):
-    s = torch.tensor([[[0.0, -0.0, -1.0, 1.0]]], device=device)
-    assert ops.select_topk(s, 2).cpu().tolist() == [[[0, 3]]]
+    """+0 and -0 are equal scores: the tie goes to the lower position, whichever sign it has."""
+    for s in ([0.0, -0.0, -1.0, 1.0], [-0.0, 0.0, -1.0, 1.0]):
+        t = torch.tensor([[s]], device=device)
+        assert ops.select_topk(t, 2).cpu().tolist() == [[[0, 3]]]
+        assert ref.select_topk(t.cpu(), 2).tolist() == [[[0, 3]]]
+
+
+def test_topk_nan_below_neg_inf(device):
+    """NaN ranks below -inf in the kernels and in the reference alike."""
+    t = torch.tensor([[[float("nan"), float("-inf"), 1.0, float("nan"), float("-inf")]]], device=device)
+    for k, want in [(2, [1, 2]), (3, [1, 2, 4]), (4, [0, 1, 2, 4])]:
+        assert ops.select_topk(t, k).cpu().tolist() == [[want]]
+        assert ref.select_topk(t.cpu(), k).tolist() == [[want]]
 
 
 def test_topk_zero_k(device, gen):

@@ -1,0 +1,42 @@
+// The executor the host launch code of csrc/cuda/*_kernels.cuh runs on in the extension: the
+// current device and stream, the opt-in shared-memory attribute when a launch needs more than
+// the default 48 KB, and a launch check after every launch. (The CPU simulator has its own
+// executor with the same interface, tests/cuda_sim/sim_exec.h.)
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <utility>
+
+#include "kernel_support.cuh"
+
+namespace snapkv {
+
+class CudaExec {
+ public:
+  explicit CudaExec(const at::Tensor& on) : guard_(on.device()), stream_(c10::cuda::getCurrentCUDAStream()) {
+    const int dev = on.get_device();
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  }
+  int sm_count() const { return sm_count_; }
+  size_t max_smem_optin() const { return static_cast<size_t>(max_smem_); }
+
+  template <typename... P, typename... A>
+  void launch(const char* /*name*/, void (*kernel)(P...), const LaunchShape& ls, A&&... args) {
+    if (needs_smem_optin(ls.smem))
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(ls.smem)));
+    kernel<<<ls.grid, ls.block, ls.smem, stream_.stream()>>>(std::forward<A>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  c10::cuda::CUDAGuard guard_;
+  c10::cuda::CUDAStream stream_;
+  int sm_count_ = 0;
+  int max_smem_ = 0;
+};
+
+}  // namespace snapkv

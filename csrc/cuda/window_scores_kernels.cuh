@@ -1,0 +1,455 @@
+// Window scoring on tensor cores: the softmax votes of the window queries, per KV head, without
+// ever writing the [B, H_q, w, L] attention matrix to global memory.
+//
+// The R = G * w window query rows of a KV head's group (G query heads of w rows each, head-major)
+// are one matrix; a CTA holds a block of up to kMaxRowBlock of them in shared memory and streams
+// its chunk of key tiles (kTK keys each, double-buffered with async copies when rows are 16-byte
+// aligned) through WMMA: 16-bit inputs with fp32 accumulation, float32 inputs as 3xTF32 (each
+// operand split into a TF32 high and low part; three products), so fp32 keeps fp32 accuracy.
+// The logit tile [rows, kTK] goes to shared memory in fp32, where the softmax bookkeeping runs
+// with the helpers of common.h (the CPU kernel's too):
+//   1. stats:   grid (key chunks, B*H_kv): per row and chunk a partial (max, sum of exp).
+//   2. combine: a warp per row merges its chunks' partials into the row's log-sum-exp.
+//   3. votes:   grid (prefix chunks, B*H_kv): rescore, probabilities with the row's lse, mean
+//               over each head's window rows, reduction over the group: out [B, H_kv, L - w].
+// Each key is read from global memory once per pass when R <= the row block (every Llama/
+// Mistral/Qwen GQA shape with w <= 32 and G <= 4, and all MHA shapes); otherwise once per row
+// block. Bytes and FLOPs per op: benchmarks/RESULTS.md, roofline table.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "../common.h"
+#include "../dispatch.h"
+#include "kernel_support.cuh"
+
+namespace snapkv {
+namespace ws {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kTK = 64;                      // keys per tile
+constexpr int kSLd = kTK + 8;                // logit tile row stride (floats): conflict-free column reads
+constexpr int kMaxRowBlock = 128;            // query rows resident per CTA
+constexpr int kMaxRowsPerWarp = kMaxRowBlock / kWarps;
+constexpr int kColsPerThread = kTK / 32;     // stats: columns of a row per lane
+constexpr int kThreadsPerCol = kThreads / kTK;  // votes: lanes sharing a column
+constexpr int kMaxVoteTiles = 16;            // tiles per votes CTA (its accumulators live in smem)
+
+struct Dims {
+  int64_t L, w, D, G, R, N, Hkv;
+  int64_t Dp;          // D rounded up to the MMA k step (zero-filled past D)
+  int64_t ld;          // row stride of the query and key tiles in shared memory (elements)
+  int64_t rows;        // query rows per CTA row block (multiple of 16)
+  int64_t chunk;       // key tiles per CTA
+  int64_t chunks;      // CTAs along the keys per KV head
+  int async_rows;      // 1: key rows are 16-byte aligned, loaded with async copies
+  float scale;
+};
+
+// Element types and the MMA of one 16x16 output fragment over the head dim, per input dtype.
+template <typename scalar_t>
+struct Mma;
+
+template <typename T16>
+struct Mma16 {
+  static constexpr int kK = 16;
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T16, nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T16, nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+  // acc[c] += Q[16 rows] . K[16 keys of column fragment c]^T for c < 2, over Dp.
+  template <typename S>
+  __device__ static void run(C acc[2], const S* q, const S* k0, const S* k1, int64_t ld, int64_t Dp) {
+    const T16* qa = reinterpret_cast<const T16*>(q);
+    const T16* kb[2] = {reinterpret_cast<const T16*>(k0), reinterpret_cast<const T16*>(k1)};
+    A a;
+    B b;
+    for (int64_t d = 0; d < Dp; d += kK) {
+      nvcuda::wmma::load_matrix_sync(a, qa + d, static_cast<unsigned>(ld));
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        nvcuda::wmma::load_matrix_sync(b, kb[c] + d, static_cast<unsigned>(ld));
+        nvcuda::wmma::mma_sync(acc[c], a, b, acc[c]);
+      }
+    }
+  }
+};
+template <>
+struct Mma<c10::Half> : Mma16<__half> {};
+template <>
+struct Mma<c10::BFloat16> : Mma16<__nv_bfloat16> {};
+
+// float32: 3xTF32. x = hi + lo with hi = tf32(x), lo = tf32(x - hi); x.y ~ hi.hi + hi.lo + lo.hi
+// (the dropped lo.lo term is 2^-22 relative).
+template <>
+struct Mma<float> {
+  static constexpr int kK = 8;
+  using Tf = nvcuda::wmma::precision::tf32;
+  using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 8, Tf, nvcuda::wmma::row_major>;
+  using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 8, Tf, nvcuda::wmma::col_major>;
+  using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float>;
+  template <typename Frag>
+  __device__ static void split(Frag& hi, Frag& lo) {
+#pragma unroll
+    for (int e = 0; e < Frag::num_elements; ++e) {
+      const float x = hi.x[e];
+      const float h = nvcuda::wmma::__float_to_tf32(x);
+      hi.x[e] = h;
+      lo.x[e] = nvcuda::wmma::__float_to_tf32(x - h);
+    }
+  }
+  __device__ static void run(C acc[2], const float* q, const float* k0, const float* k1, int64_t ld, int64_t Dp) {
+    const float* kb[2] = {k0, k1};
+    A a_hi, a_lo;
+    B b_hi, b_lo;
+    for (int64_t d = 0; d < Dp; d += kK) {
+      nvcuda::wmma::load_matrix_sync(a_hi, q + d, static_cast<unsigned>(ld));
+      split(a_hi, a_lo);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        nvcuda::wmma::load_matrix_sync(b_hi, kb[c] + d, static_cast<unsigned>(ld));
+        split(b_hi, b_lo);
+        nvcuda::wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
+        nvcuda::wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
+        nvcuda::wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+      }
+    }
+  }
+};
+
+// Shared memory of both scoring kernels: query block, two key tiles, the fp32 logit tile, the
+// block's row log-sum-exps (votes) and the votes' per-column accumulators.
+struct Smem {
+  size_t q, k0, k1, s, lse, acc_head, total, bytes;
+  __host__ __device__ Smem(int64_t rows, int64_t ld, int64_t elem_bytes, int64_t vote_cols) {
+    SmemCarver c;
+    q = c.take<unsigned char>(rows * ld * elem_bytes);
+    k0 = c.take<unsigned char>(kTK * ld * elem_bytes);
+    k1 = c.take<unsigned char>(kTK * ld * elem_bytes);
+    s = c.take<float>(rows * kSLd);
+    lse = c.take<float>(rows);
+    acc_head = c.take<float>(vote_cols);
+    total = c.take<float>(vote_cols);
+    bytes = c.offset;
+  }
+};
+
+// Loads query rows [r0, r0 + n) of qg [R, D] into qs [rows, ld], zero past n rows and D columns.
+template <typename scalar_t>
+__device__ void load_queries(scalar_t* __restrict__ qs, const scalar_t* __restrict__ qg, int64_t r0, int64_t n,
+                             const Dims& dm) {
+  for (int64_t e = threadIdx.x; e < dm.rows * dm.Dp; e += blockDim.x) {
+    const int64_t r = e / dm.Dp, d = e % dm.Dp;
+    qs[r * dm.ld + d] = (r < n && d < dm.D) ? qg[(r0 + r) * dm.D + d] : static_cast<scalar_t>(0.f);
+  }
+}
+
+// Zeroes columns [D, Dp) of a key tile: async copies never write them.
+template <typename scalar_t>
+__device__ void zero_key_pad(scalar_t* __restrict__ ks, const Dims& dm) {
+  const int64_t pad = dm.Dp - dm.D;
+  for (int64_t e = threadIdx.x; e < kTK * pad; e += blockDim.x)
+    ks[(e / pad) * dm.ld + dm.D + e % pad] = static_cast<scalar_t>(0.f);
+}
+
+// Issues the loads of key rows [j0, j0 + kTK) of kh [L, D] (zero past j_end) into ks, as one
+// committed async-copy group (rows 16-byte aligned) or plain loads.
+template <typename scalar_t>
+__device__ void issue_key_tile(scalar_t* __restrict__ ks, const scalar_t* __restrict__ kh, int64_t j0,
+                               int64_t j_end, const Dims& dm) {
+  if (dm.async_rows) {
+    constexpr int64_t kVec = 16 / sizeof(scalar_t);
+    const int64_t vecs = dm.D / kVec;
+    for (int64_t e = threadIdx.x; e < kTK * vecs; e += blockDim.x) {
+      const int64_t r = e / vecs, v = e % vecs, j = j0 + r;
+      scalar_t* dst = ks + r * dm.ld + v * kVec;
+      if (j < j_end) {
+        __pipeline_memcpy_async(dst, kh + j * dm.D + v * kVec, 16);
+      } else {
+#pragma unroll
+        for (int64_t t = 0; t < kVec; ++t) dst[t] = static_cast<scalar_t>(0.f);
+      }
+    }
+  } else {
+    for (int64_t e = threadIdx.x; e < kTK * dm.D; e += blockDim.x) {
+      const int64_t r = e / dm.D, d = e % dm.D, j = j0 + r;
+      ks[r * dm.ld + d] = j < j_end ? kh[j * dm.D + d] : static_cast<scalar_t>(0.f);
+    }
+  }
+  __pipeline_commit();
+}
+
+// Logits of the resident query block against one key tile: s[rows, kTK] (unscaled, fp32).
+// Warp units are (16-row fragment, 32-key half tile), dealt round-robin to the warps.
+template <typename scalar_t>
+__device__ void tile_logits(float* __restrict__ s, const scalar_t* __restrict__ qs, const scalar_t* __restrict__ ks,
+                            const Dims& dm) {
+  using M = Mma<scalar_t>;
+  const int warp = threadIdx.x / 32;
+  const int64_t units = dm.rows / 16 * 2;
+  for (int64_t u = warp; u < units; u += kWarps) {
+    const int64_t rf = u / 2, half = u % 2;
+    typename M::C acc[2];
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+    const scalar_t* k0 = ks + (half * 32) * dm.ld;
+    M::run(acc, qs + rf * 16 * dm.ld, k0, k0 + 16 * dm.ld, dm.ld, dm.Dp);
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      nvcuda::wmma::store_matrix_sync(s + rf * 16 * kSLd + half * 32 + c * 16, acc[c], kSLd, nvcuda::wmma::mem_row_major);
+  }
+}
+
+// Streams key tiles [t0, t1) of kh through the resident query block; after each tile's logits
+// are in `s` (and every thread can read them), calls epilogue(tile).
+template <typename scalar_t, typename Epilogue>
+__device__ void stream_tiles(unsigned char* smem, const Smem& lay, const scalar_t* __restrict__ kh, int64_t t0,
+                             int64_t t1, int64_t j_end, const Dims& dm, Epilogue&& epilogue) {
+  const scalar_t* qs = reinterpret_cast<const scalar_t*>(smem + lay.q);
+  scalar_t* kbuf[2] = {reinterpret_cast<scalar_t*>(smem + lay.k0), reinterpret_cast<scalar_t*>(smem + lay.k1)};
+  float* s = reinterpret_cast<float*>(smem + lay.s);
+  issue_key_tile(kbuf[0], kh, t0 * kTK, j_end, dm);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int cur = static_cast<int>((t - t0) & 1);
+    if (t + 1 < t1) {
+      // The other buffer's last readers (tile t - 1's MMA) finished before the barrier after it.
+      issue_key_tile(kbuf[cur ^ 1], kh, (t + 1) * kTK, j_end, dm);
+      __pipeline_wait_prior(1);
+    } else {
+      __pipeline_wait_prior(0);
+    }
+    __syncthreads();  // tile t is in shared memory; the previous epilogue is done with s
+    tile_logits(s, qs, kbuf[cur], dm);
+    __syncthreads();  // s holds tile t's logits
+    epilogue(t);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(const scalar_t* __restrict__ q,      // [B, H_kv, R, D] (query head kv*G + g, row g*w + i)
+                 const scalar_t* __restrict__ keys,   // [B, H_kv, L, D]
+                 const int64_t* __restrict__ pad,     // [B] or null
+                 SoftmaxStat* __restrict__ partial,   // [B*H_kv, R, chunks]
+                 Dims dm) {
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  const Smem lay(dm.rows, dm.ld, sizeof(scalar_t), 0);
+  scalar_t* qs = reinterpret_cast<scalar_t*>(smem + lay.q);
+  const float* s = reinterpret_cast<const float*>(smem + lay.s);
+  const int64_t bh = blockIdx.y, chunk = blockIdx.x;
+  const int64_t p0 = pad ? pad[bh / dm.Hkv] : 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const scalar_t* kh = keys + bh * dm.L * dm.D;
+  const int64_t t0 = chunk * dm.chunk, t1 = t0 + dm.chunk < ceil_div(dm.L, kTK) ? t0 + dm.chunk : ceil_div(dm.L, kTK);
+  zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k0), dm);
+  zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k1), dm);
+
+  for (int64_t r0 = 0; r0 < dm.R; r0 += dm.rows) {
+    const int64_t n = dm.R - r0 < dm.rows ? dm.R - r0 : dm.rows;
+    load_queries(qs, q + bh * dm.R * dm.D, r0, n, dm);
+    // Lane-private running statistics of the warp's rows (row warp + m * kWarps) over the
+    // lane's columns; merged across lanes once, after the chunk.
+    SoftmaxStat st[kMaxRowsPerWarp];
+#pragma unroll
+    for (int m = 0; m < kMaxRowsPerWarp; ++m) st[m] = stat_empty();
+    stream_tiles(smem, lay, kh, t0, t1, dm.L, dm, [&](int64_t t) {
+#pragma unroll
+      for (int m = 0; m < kMaxRowsPerWarp; ++m) {
+        const int64_t rl = warp + m * kWarps;
+        if (rl >= n) break;
+        const int64_t i = (r0 + rl) % dm.w;
+#pragma unroll
+        for (int c = 0; c < kColsPerThread; ++c) {
+          const int64_t col = lane + 32 * c, j = t * kTK + col;
+          if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0)) st[m] = stat_push(st[m], s[rl * kSLd + col] * dm.scale);
+        }
+      }
+    });
+#pragma unroll
+    for (int m = 0; m < kMaxRowsPerWarp; ++m) {
+      const int64_t rl = warp + m * kWarps;
+      if (rl >= n) break;  // uniform across the warp
+      SoftmaxStat x = st[m];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1)
+        x = stat_merge(x, SoftmaxStat{__shfl_xor_sync(0xffffffffu, x.m, off), __shfl_xor_sync(0xffffffffu, x.l, off)});
+      if (lane == 0) partial[(bh * dm.R + r0 + rl) * dm.chunks + chunk] = x;
+    }
+    __syncthreads();  // the next row block rewrites the query block
+  }
+}
+
+// One warp per row: merge the row's chunk partials into its log-sum-exp.
+__global__ void __launch_bounds__(kThreads)
+    combine_kernel(const SoftmaxStat* __restrict__ partial,  // [rows, chunks]
+                   float* __restrict__ lse,                  // [rows]
+                   int64_t rows, int64_t chunks) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warps exit together: rows are warp-aligned
+  SoftmaxStat x = stat_empty();
+  for (int64_t t = lane; t < chunks; t += 32) x = stat_merge(x, partial[row * chunks + t]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    x = stat_merge(x, SoftmaxStat{__shfl_xor_sync(0xffffffffu, x.m, off), __shfl_xor_sync(0xffffffffu, x.l, off)});
+  if (lane == 0) lse[row] = stat_lse(x);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    votes_kernel(const scalar_t* __restrict__ q,     // [B, H_kv, R, D]
+                 const scalar_t* __restrict__ keys,  // [B, H_kv, L, D]
+                 const int64_t* __restrict__ pad,    // [B] or null
+                 const float* __restrict__ lse,      // [B*H_kv, R]
+                 float* __restrict__ out,            // [B, H_kv, N]
+                 Dims dm, GroupReduce reduce) {
+  unsigned char* smem = dynamic_smem<unsigned char>();
+  const Smem lay(dm.rows, dm.ld, sizeof(scalar_t), dm.chunk * kTK);
+  scalar_t* qs = reinterpret_cast<scalar_t*>(smem + lay.q);
+  const float* s = reinterpret_cast<const float*>(smem + lay.s);
+  float* lse_s = reinterpret_cast<float*>(smem + lay.lse);
+  float* acc_head = reinterpret_cast<float*>(smem + lay.acc_head);  // [chunk * kTK]: this head's rows so far
+  float* total = reinterpret_cast<float*>(smem + lay.total);        // [chunk * kTK]: group reduction so far
+  const int64_t bh = blockIdx.y, chunk = blockIdx.x;
+  const int64_t p0 = pad ? pad[bh / dm.Hkv] : 0;
+  const int col = threadIdx.x / kThreadsPerCol, sub = threadIdx.x % kThreadsPerCol;
+  const scalar_t* kh = keys + bh * dm.L * dm.D;
+  const int64_t t0 = chunk * dm.chunk, t1 = t0 + dm.chunk < ceil_div(dm.N, kTK) ? t0 + dm.chunk : ceil_div(dm.N, kTK);
+  zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k0), dm);
+  zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k1), dm);
+  // Each column's accumulators belong to the lane group of that column: no barrier needed.
+  if (sub == 0)
+    for (int64_t t = 0; t < t1 - t0; ++t) {
+      acc_head[t * kTK + col] = 0.f;
+      total[t * kTK + col] = group_init(reduce);
+    }
+
+  for (int64_t r0 = 0; r0 < dm.R; r0 += dm.rows) {
+    const int64_t n = dm.R - r0 < dm.rows ? dm.R - r0 : dm.rows, r1 = r0 + n;
+    load_queries(qs, q + bh * dm.R * dm.D, r0, n, dm);
+    for (int64_t r = threadIdx.x; r < n; r += blockDim.x) lse_s[r] = lse[bh * dm.R + r0 + r];
+    stream_tiles(smem, lay, kh, t0, t1, dm.N, dm, [&](int64_t t) {
+      const int64_t j = t * kTK + col;
+      // Prefix keys are visible to every window query, unless they are padding.
+      const bool vis = j < dm.N && j >= p0;
+      for (int64_t g = r0 / dm.w; g * dm.w < r1; ++g) {  // heads with rows in this block
+        const int64_t lo = g * dm.w > r0 ? g * dm.w : r0, hi = (g + 1) * dm.w < r1 ? (g + 1) * dm.w : r1;
+        float v = 0.f;
+        for (int64_t r = lo + ((sub - lo) % kThreadsPerCol + kThreadsPerCol) % kThreadsPerCol; r < hi;
+             r += kThreadsPerCol)
+          v += vis ? prob_from_lse(s[(r - r0) * kSLd + col] * dm.scale, lse_s[r - r0]) : 0.f;
+#pragma unroll
+        for (int off = 1; off < kThreadsPerCol; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (sub == 0) {
+          const int64_t a = (t - t0) * kTK + col;
+          if (hi == (g + 1) * dm.w) {  // the head's last rows: its window mean joins the group
+            total[a] = group_combine(reduce, total[a], (acc_head[a] + v) / static_cast<float>(dm.w));
+            acc_head[a] = 0.f;
+          } else {
+            acc_head[a] += v;
+          }
+        }
+      }
+    });
+    __syncthreads();  // the next row block rewrites the query block and lse_s
+  }
+  if (sub == 0)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t * kTK + col;
+      if (j < dm.N) out[bh * dm.N + j] = (j >= p0) ? group_finish(reduce, total[(t - t0) * kTK + col], dm.G) : 0.f;
+    }
+}
+
+// ---- host side: the launch plan, shared by the CUDA launcher and the CPU simulator ----
+
+struct Plan {
+  Dims stats_dm, votes_dm;  // they differ in their chunk of key tiles
+  LaunchShape stats, combine, votes;
+};
+
+// Plans the three launches for a problem shape (L > w) on a device with `sm_count` SMs and
+// `max_smem` bytes of opt-in shared memory per block. Returns false if even the smallest row
+// block does not fit (the head dim is too large for this device).
+inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int64_t D, int64_t G,
+                               int64_t elem_bytes, bool rows_aligned, float scale, int sm_count, size_t max_smem,
+                               Plan* p) {
+  Dims dm;
+  dm.L = L;
+  dm.w = w;
+  dm.D = D;
+  dm.G = G;
+  dm.R = G * w;
+  dm.N = L - w;
+  dm.Hkv = Hkv;
+  dm.Dp = round_up(D, 16);
+  dm.ld = dm.Dp + 16 / elem_bytes * 2;  // +32 bytes per row: fewer bank conflicts, rows stay 16-byte aligned
+  dm.async_rows = rows_aligned && (D * elem_bytes) % 16 == 0;
+  dm.scale = scale;
+  // Spread each KV head's keys over enough CTAs for about two waves.
+  const int64_t bhs = B * Hkv;
+  const int64_t ctas_per_bh = ceil_div(2 * static_cast<int64_t>(sm_count), bhs);
+  const int64_t tiles = ceil_div(L, kTK), vtiles = ceil_div(dm.N, kTK);
+  const int64_t chunk = ceil_div(tiles, ctas_per_bh);
+  int64_t vchunk = ceil_div(vtiles, ctas_per_bh);
+  vchunk = vchunk < kMaxVoteTiles ? vchunk : kMaxVoteTiles;
+  dm.rows = 0;
+  for (int64_t rows : {int64_t{128}, int64_t{64}, int64_t{32}, int64_t{16}}) {
+    if (rows > kMaxRowBlock || (rows > 16 && rows / 2 >= round_up(dm.R, 16))) continue;  // no bigger than needed
+    if (Smem(rows, dm.ld, elem_bytes, vchunk * kTK).bytes <= max_smem) {
+      dm.rows = rows;
+      break;
+    }
+  }
+  if (dm.rows == 0) return false;
+  p->stats_dm = dm;
+  p->stats_dm.chunk = chunk;
+  p->stats_dm.chunks = ceil_div(tiles, chunk);
+  p->votes_dm = dm;
+  p->votes_dm.chunk = vchunk;
+  p->votes_dm.chunks = ceil_div(vtiles, vchunk);
+  p->stats = LaunchShape{dim3(static_cast<unsigned>(p->stats_dm.chunks), static_cast<unsigned>(bhs)), dim3(kThreads),
+                         Smem(dm.rows, dm.ld, elem_bytes, 0).bytes};
+  p->combine = LaunchShape{dim3(static_cast<unsigned>(ceil_div(bhs * dm.R, kWarps))), dim3(kThreads), 0};
+  p->votes = LaunchShape{dim3(static_cast<unsigned>(p->votes_dm.chunks), static_cast<unsigned>(bhs)), dim3(kThreads),
+                         Smem(dm.rows, dm.ld, elem_bytes, vchunk * kTK).bytes};
+  return true;
+}
+
+// The whole op on an executor (CudaExec or the simulator's): shapes checked by the caller.
+template <class Exec>
+at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Tensor& keys,
+                             const c10::optional<at::Tensor>& pad_lengths, GroupReduce reduce, float scale) {
+  const int64_t B = q_window.size(0), Hq = q_window.size(1), w = q_window.size(2), D = q_window.size(3);
+  const int64_t Hkv = keys.size(1), L = keys.size(2), G = Hq / Hkv;
+  SNAPKV_CHECK(B * Hkv <= 65535, "B * H_kv must be at most 65535 for the CUDA kernels, got ", B * Hkv);
+  // Query head kv*G + g is row g*w + i of KV head kv: a view, no copy, when q is contiguous.
+  const at::Tensor q = q_window.contiguous().view({B, Hkv, G * w, D});
+  const at::Tensor k = keys.contiguous();
+  const at::Tensor pad = pad_lengths.has_value() ? pad_lengths->contiguous() : at::Tensor();
+  const int64_t* pad_ptr = pad.defined() ? pad.data_ptr<int64_t>() : nullptr;
+  const bool aligned = reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0;
+  Plan p;
+  SNAPKV_CHECK(plan_window_scores(B, Hkv, L, w, D, G, k.element_size(), aligned, scale, ex.sm_count(),
+                                  ex.max_smem_optin(), &p),
+               "head dim D = ", D, " is too large for the CUDA window_scores kernel on this device");
+  auto f32 = keys.options().dtype(at::kFloat);
+  const int64_t rows = B * Hkv * p.stats_dm.R;
+  at::Tensor partial = at::empty({rows * p.stats_dm.chunks * 2}, f32);  // SoftmaxStat pairs
+  at::Tensor lse = at::empty({rows}, f32);
+  at::Tensor out = at::empty({B, Hkv, p.stats_dm.N}, f32);
+  auto* pp = reinterpret_cast<SoftmaxStat*>(partial.data_ptr<float>());
+  SNAPKV_DISPATCH_FLOATING(k.scalar_type(), "window_scores_cuda", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    ex.launch("window_scores.stats", stats_kernel<scalar_t>, p.stats, qp, kp, pad_ptr, pp, p.stats_dm);
+    ex.launch("window_scores.combine", combine_kernel, p.combine, static_cast<const SoftmaxStat*>(pp),
+              lse.data_ptr<float>(), rows, p.stats_dm.chunks);
+    ex.launch("window_scores.votes", votes_kernel<scalar_t>, p.votes, qp, kp, pad_ptr,
+              static_cast<const float*>(lse.data_ptr<float>()), out.data_ptr<float>(), p.votes_dm, reduce);
+  });
+  return out;
+}
+
+}  // namespace ws
+}  // namespace snapkv
