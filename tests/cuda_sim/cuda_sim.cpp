@@ -257,8 +257,15 @@ void run_block(Block& b, Order order) {
 struct Worker {
   std::vector<Fiber> fibers;
   ~Worker() {
-    for (Fiber& f : fibers)
-      if (f.stack) munmap(f.stack, kStackBytes);
+    for (Fiber& f : fibers) {
+      if (!f.stack) continue;
+#if CUDASIM_ASAN
+      // Frames that never returned leave poisoned shadow; the next mapping here (any allocator's)
+      // must not inherit it.
+      __asan_unpoison_memory_region(f.stack, kStackBytes);
+#endif
+      munmap(f.stack, kStackBytes);
+    }
   }
   void ensure(int n) {
     if (static_cast<int>(fibers.size()) >= n) return;

@@ -147,12 +147,24 @@ def test_pool(pooling, kernel_size, dtype):
 
 
 # ---------------------------------------------------------------- select_topk
-@pytest.mark.parametrize("N,k", [(1, 1), (97, 1), (97, 97), (1025, 500), (4099, 2016)])
+@pytest.mark.parametrize("N,k", [(1, 1), (97, 1), (97, 97), (1025, 500), (4099, 2016), (20000, 4064), (9000, 9000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_topk(N, k, dtype):
+    """Rows of 9000+ positions on a 132-SM plan take the sliced path (several CTAs per row)."""
     s = rand((2, 3, N), dtype, N + k)
     out = both_orders(lambda: sim.select_topk(s, k))
     assert torch.equal(out, ref.select_topk(s, k))
+
+
+@pytest.mark.parametrize("sm_count", [1, 132])
+def test_topk_sliced_plateaus(sm_count):
+    """Ties across slice boundaries: equal scores taken in position order over all slices."""
+    sim.configure("forward", 2, sm_count, H100_SMEM)
+    s = torch.zeros(1, 2, 20000)
+    s[0, 0, 5000:15000:3] = 1.0
+    s[0, 1, ::2] = float("nan")
+    for k in (1, 3000, 3334, 3335, 9999, 10000, 10001, 20000):
+        assert torch.equal(sim.select_topk(s, k), ref.select_topk(s, k)), k
 
 
 def test_topk_ties_nan_inf_zeros():
