@@ -225,9 +225,7 @@ def copy_bandwidth_gbs(device, nbytes=1 << 30):
 def key_copy_ms(k, device, reps):
     """Median time of a device-to-device copy of a tensor the size of k (2 * k's bytes moved)."""
     dst = torch.empty_like(k)
-    ms = median_ms(lambda: dst.copy_(k), device, reps=max(reps, 10), warmup=3)
-    del dst
-    return ms
+    return median_ms(lambda: dst.copy_(k), device, reps=max(reps, 10), warmup=3)
 
 
 KEYS_READ_TARGET = 2.5  # window_scores time <= 2.5x reading the keys once at the copy bandwidth

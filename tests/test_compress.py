@@ -122,3 +122,30 @@ def test_compress_into_preallocated_buffer(device, gen, dtype, L):
     assert torch.equal(got, pos)
     assert torch.equal(kbuf[:, :, :n], ko) and torch.equal(vbuf[:, :, :n], vo)
     assert (kbuf[:, :, n:] == 3).all() and (vbuf[:, :, n:] == 3).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_million_tokens_int64_offsets():
+    """L = 2^20 + 3 with B * H_kv * L * D > 2^31 elements: every offset past 2^31 must be int64.
+    Scores are checked per head against a float64 computation on the GPU; the fused path keeps
+    what the op composition keeps; the last head's kept rows are the keys at the kept positions."""
+    torch.manual_seed(0)
+    B, H_q, H_kv, L, D, w, C = 1, 8, 8, (1 << 20) + 3, 256, 32, 4096
+    assert B * H_kv * L * D > 2**31
+    dev = torch.device("cuda")
+    q = torch.randn(B, H_q, w, D, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, H_kv, L, D, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, H_kv, L, D, device=dev, dtype=torch.bfloat16)
+    scores = ops.window_scores(q, k)
+    assert scores.shape == (B, H_kv, L - w) and torch.isfinite(scores).all()
+    for h in (0, H_kv - 1):  # the last head lives past element 2^31
+        want = ref.window_scores(q[:, h : h + 1], k[:, h : h + 1])
+        fp32 = ref.window_scores(q[:, h : h + 1], k[:, h : h + 1], dtype=torch.float32)
+        err = (scores[:, h : h + 1] - want).abs().max().item()
+        assert err <= 2 * (fp32 - want).abs().max().item() + 1e-6 * want.abs().max().item() + 1e-9
+    ko, vo, pos = ops.snapkv_compress(q, k, v, C)
+    idx = ops.select_topk(ops.pool_scores(scores, 7, "max"), C - w)
+    assert torch.equal(pos[..., : C - w], idx)
+    last = pos[0, -1]
+    assert torch.equal(ko[0, -1], k[0, -1].index_select(0, last))
+    assert torch.equal(vo[0, -1], v[0, -1].index_select(0, last))

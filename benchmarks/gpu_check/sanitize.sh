@@ -11,7 +11,9 @@
 # one verdict line: PASS, ERRORS (with the count), FAILED (tests failed), TIMED OUT, DID NOT RUN,
 # or UNSUPPORTED when the tool refuses the machine (seen on gVisor machines: "Device not
 # supported"; the Firecracker H100/H200 machines ran it). Exit status 0 only on PASS.
-# Extra pytest arguments: SANITIZE_PYTEST_ARGS (e.g. "-x" or "-k 'cuda and window'").
+# Which tests: SANITIZE_SELECT, a pytest -k expression (default "cuda and not compile_fullgraph":
+# the CUDA cases of the op test files, without torch.compile); more pytest arguments:
+# SANITIZE_PYTEST_ARGS (e.g. "-x", or "--maxfail 3").
 set -uo pipefail
 # shellcheck source=benchmarks/gpu_check/common.sh
 source "$(dirname "$0")/common.sh"
@@ -25,11 +27,13 @@ CS=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/com
 [ -x "$CS" ] || { note "compute-sanitizer: UNSUPPORTED (not installed: not on PATH nor in \$CUDA_HOME/bin)"; exit 4; }
 ensure_built
 
+# The CUDA cases of the op tests; torch.compile's own kernels (Inductor/Triton) are not ours.
+SELECT=${SANITIZE_SELECT:-cuda and not compile_fullgraph}
 # shellcheck disable=SC2206  # word splitting of the user's extra arguments is intended
 extra=(${SANITIZE_PYTEST_ARGS:-})
 status=0
 for tool in "$@"; do
-  step "compute-sanitizer --tool $tool (${OPS_TESTS[*]})"
+  step "compute-sanitizer --tool $tool: pytest -k '$SELECT' ${extra[*]} ${OPS_TESTS[*]}"
   # torch's caching allocator hides accesses past a tensor's end but inside its block from
   # memcheck, and makes reused memory look initialised to initcheck: for those two, every tensor
   # gets its own cudaMalloc (PYTORCH_NO_CUDA_MEMORY_CACHING=1; slower).
@@ -37,7 +41,7 @@ for tool in "$@"; do
   case "$tool" in memcheck|initcheck) caching=(PYTORCH_NO_CUDA_MEMORY_CACHING=1) ;; esac
   run_step "sanitizer-$tool" env "${caching[@]}" \
     "$CS" --tool "$tool" --error-exitcode 9 --print-limit 100 \
-    "$PY" -m pytest -q -p no:cacheprovider -k cuda "${extra[@]}" "${OPS_TESTS[@]}"
+    "$PY" -m pytest -q -p no:cacheprovider -k "$SELECT" "${extra[@]}" "${OPS_TESTS[@]}"
   rc=$?
   log=$OUT/sanitizer-$tool.txt
   errors=$(sed -n 's/^========= ERROR SUMMARY: \([0-9]*\) error.*/\1/p' "$log" | tail -1)

@@ -43,19 +43,21 @@ __device__ __forceinline__ T* dynamic_smem() {
 #ifdef SNAPKV_CUDA_SIM
   return static_cast<T*>(cudasim::dynamic_smem());
 #else
-  extern __shared__ __align__(16) unsigned char snapkv_dynamic_smem[];
+  extern __shared__ __align__(128) unsigned char snapkv_dynamic_smem[];
   return reinterpret_cast<T*>(snapkv_dynamic_smem);
 #endif
 }
 
-// Carves consecutive, 16-byte aligned arrays out of one byte range. Used on the host (to count
-// the bytes of a launch) and in the kernel (to find the arrays), so the two cannot disagree.
+// Carves consecutive arrays, each 128-byte aligned (WMMA needs 32, async copies 16), out of one
+// byte range. Used on the host (to count the bytes of a launch) and in the kernel (to find the
+// arrays), so the two cannot disagree.
 struct SmemCarver {
+  static constexpr size_t kAlign = 128;
   size_t offset = 0;
   template <typename T>
   __host__ __device__ size_t take(size_t count) {
     const size_t at = offset;
-    offset += (count * sizeof(T) + 15) / 16 * 16;
+    offset += (count * sizeof(T) + kAlign - 1) / kAlign * kAlign;
     return at;
   }
 };

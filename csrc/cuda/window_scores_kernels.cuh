@@ -62,14 +62,15 @@ struct Mma16 {
   template <typename S>
   __device__ static void run(C acc[2], const S* q, const S* k0, const S* k1, int64_t ld, int64_t Dp) {
     const T16* qa = reinterpret_cast<const T16*>(q);
-    const T16* kb[2] = {reinterpret_cast<const T16*>(k0), reinterpret_cast<const T16*>(k1)};
+    const T16* kb0 = reinterpret_cast<const T16*>(k0);
+    const T16* kb1 = reinterpret_cast<const T16*>(k1);
     A a;
     B b;
     for (int64_t d = 0; d < Dp; d += kK) {
       nvcuda::wmma::load_matrix_sync(a, qa + d, static_cast<unsigned>(ld));
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        nvcuda::wmma::load_matrix_sync(b, kb[c] + d, static_cast<unsigned>(ld));
+        nvcuda::wmma::load_matrix_sync(b, (c == 0 ? kb0 : kb1) + d, static_cast<unsigned>(ld));
         nvcuda::wmma::mma_sync(acc[c], a, b, acc[c]);
       }
     }
@@ -100,7 +101,6 @@ struct Mma<float> {
     }
   }
   __device__ static void run(C acc[2], const float* q, const float* k0, const float* k1, int64_t ld, int64_t Dp) {
-    const float* kb[2] = {k0, k1};
     A a_hi, a_lo;
     B b_hi, b_lo;
     for (int64_t d = 0; d < Dp; d += kK) {
@@ -108,7 +108,7 @@ struct Mma<float> {
       split(a_hi, a_lo);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        nvcuda::wmma::load_matrix_sync(b_hi, kb[c] + d, static_cast<unsigned>(ld));
+        nvcuda::wmma::load_matrix_sync(b_hi, (c == 0 ? k0 : k1) + d, static_cast<unsigned>(ld));
         split(b_hi, b_lo);
         nvcuda::wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
         nvcuda::wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
@@ -207,20 +207,22 @@ template <typename scalar_t, typename Epilogue>
 __device__ void stream_tiles(unsigned char* smem, const Smem& lay, const scalar_t* __restrict__ kh, int64_t t0,
                              int64_t t1, int64_t j_end, const Dims& dm, Epilogue&& epilogue) {
   const scalar_t* qs = reinterpret_cast<const scalar_t*>(smem + lay.q);
-  scalar_t* kbuf[2] = {reinterpret_cast<scalar_t*>(smem + lay.k0), reinterpret_cast<scalar_t*>(smem + lay.k1)};
+  // Two key buffers, selected by tile parity (no pointer array: it would live in local memory).
+  scalar_t* const kb0 = reinterpret_cast<scalar_t*>(smem + lay.k0);
+  scalar_t* const kb1 = reinterpret_cast<scalar_t*>(smem + lay.k1);
   float* s = reinterpret_cast<float*>(smem + lay.s);
-  issue_key_tile(kbuf[0], kh, t0 * kTK, j_end, dm);
+  issue_key_tile(kb0, kh, t0 * kTK, j_end, dm);
   for (int64_t t = t0; t < t1; ++t) {
-    const int cur = static_cast<int>((t - t0) & 1);
+    const bool odd = ((t - t0) & 1) != 0;
     if (t + 1 < t1) {
       // The other buffer's last readers (tile t - 1's MMA) finished before the barrier after it.
-      issue_key_tile(kbuf[cur ^ 1], kh, (t + 1) * kTK, j_end, dm);
+      issue_key_tile(odd ? kb0 : kb1, kh, (t + 1) * kTK, j_end, dm);
       __pipeline_wait_prior(1);
     } else {
       __pipeline_wait_prior(0);
     }
     __syncthreads();  // tile t is in shared memory; the previous epilogue is done with s
-    tile_logits(s, qs, kbuf[cur], dm);
+    tile_logits(s, qs, odd ? kb1 : kb0, dm);
     __syncthreads();  // s holds tile t's logits
     epilogue(t);
   }
@@ -311,7 +313,8 @@ __global__ void __launch_bounds__(kThreads)
   float* lse_s = reinterpret_cast<float*>(smem + lay.lse);
   float* acc_head = reinterpret_cast<float*>(smem + lay.acc_head);  // [chunk * kTK]: this head's rows so far
   float* total = reinterpret_cast<float*>(smem + lay.total);        // [chunk * kTK]: group reduction so far
-  const int64_t bh = blockIdx.y, chunk = blockIdx.x;
+  // In the reverse of the statistics pass's CTA order: its last key reads are still in L2.
+  const int64_t bh = gridDim.y - 1 - blockIdx.y, chunk = gridDim.x - 1 - blockIdx.x;
   const int64_t p0 = pad ? pad[bh / dm.Hkv] : 0;
   const int col = threadIdx.x / kThreadsPerCol, sub = threadIdx.x % kThreadsPerCol;
   const scalar_t* kh = keys + bh * dm.L * dm.D;

@@ -435,7 +435,10 @@ void launch(const char* name, dim3 grid, dim3 block, size_t smem_bytes, const st
       b.body = body;
       b.smem_bytes = smem_bytes;
       // Exactly the launch's bytes (AddressSanitizer sees past the end), NaN-pattern garbage.
-      b.smem = smem_bytes ? static_cast<unsigned char*>(std::malloc(smem_bytes)) : nullptr;
+      // 128-byte aligned like the hardware's shared window (a kernel may rely on what it declares).
+      void* mem = nullptr;
+      if (smem_bytes && posix_memalign(&mem, 128, smem_bytes) != 0) mem = nullptr;
+      b.smem = static_cast<unsigned char*>(mem);
       if (b.smem) std::memset(b.smem, 0xFF, smem_bytes);
       tl_block = &b;
       run_block(b, order);

@@ -213,6 +213,14 @@ struct fragment {
 };
 
 namespace detail {
+// The API's rules for a matrix in memory: a 256-bit aligned pointer, ldm a multiple of 16 bytes.
+template <class P>
+void check_matrix(const char* what, const P* p, unsigned ldm) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    cudasim::fail(std::string(what) + ": the matrix pointer is not 256-bit aligned");
+  if ((ldm * sizeof(P)) % 16 != 0)
+    cudasim::fail(std::string(what) + ": ldm " + std::to_string(ldm) + " is not a multiple of 16 bytes");
+}
 // Runs `fn(lane, frag_of_lane)` for the 32 lanes of the warp once all of them have arrived.
 template <class Frag, class Fn>
 void warp_each(const char* what, Frag& f, Fn&& fn) {
@@ -234,6 +242,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* p, unsigned
   using F = fragment<Use, M, N, K, T, Layout>;
   constexpr bool col = std::is_same<Layout, col_major>::value;
   const int* perm = F::perm();
+  detail::check_matrix("wmma::load_matrix_sync", p, ldm);
   detail::warp_each("wmma::load_matrix_sync", f, [&](int lane, F& fl) {
     for (int e = 0; e < F::num_elements; ++e) {
       const int pos = perm[lane * F::num_elements + e], r = pos / F::kCols, c = pos % F::kCols;
@@ -246,6 +255,7 @@ template <int M, int N, int K, class T>
 void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
   using F = fragment<accumulator, M, N, K, T>;
   const int* perm = F::perm();
+  detail::check_matrix("wmma::store_matrix_sync", p, ldm);
   detail::warp_each("wmma::store_matrix_sync", const_cast<F&>(f), [&](int lane, F& fl) {
     for (int e = 0; e < F::num_elements; ++e) {
       const int pos = perm[lane * F::num_elements + e], r = pos / F::kCols, c = pos % F::kCols;

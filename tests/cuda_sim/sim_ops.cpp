@@ -95,6 +95,25 @@ std::map<std::string, int64_t> window_scores_plan(int64_t B, int64_t Hkv, int64_
           {"async_rows", p.stats_dm.async_rows}};
 }
 
+// Warp votes and shuffles over two warps with partial masks: [64, 6] int64 per thread:
+// ballot (lower warp half), any, all (odd lanes), shfl_up by 3, shfl_down by 5 (width 16),
+// shfl from lane 7.
+at::Tensor warp_ops() {
+  at::Tensor out = at::zeros({64, 6}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  cudasim::launch("warp_ops", dim3(1), dim3(64), 0, [&] {
+    const int t = threadIdx.x, lane = t % 32;
+    int64_t* r = o + t * 6;
+    if (lane < 16) r[0] = __ballot_sync(0x0000ffffu, lane % 3 == 0);
+    r[1] = __any_sync(0xffffffffu, t == 40);
+    if (lane % 2 == 1) r[2] = __all_sync(0xaaaaaaaau, lane != 31 || t < 32);
+    r[3] = __shfl_up_sync(0xffffffffu, t, 3);
+    r[4] = __shfl_down_sync(0xffffffffu, t, 5, 16);
+    r[5] = __shfl_sync(0xffffffffu, t, 7);
+  });
+  return out;
+}
+
 // A kernel that breaks the rules on purpose, so tests can check the simulator reports it.
 void misbehave(const std::string& what) {
   auto body = [&] {
@@ -119,11 +138,14 @@ void misbehave(const std::string& what) {
       for (int r = 0; r < 16; ++r)
         for (int col = 0; col < 16; ++col)
           if (s[r * 16 + col] != static_cast<float>(r)) cudasim::fail("wmma fragment is not row-mapped");
+    } else if (what == "wmma_unaligned") {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+      nvcuda::wmma::load_matrix_sync(a, snapkv::dynamic_smem<__half>() + 8, 16);  // 16 bytes in
     } else {
       TORCH_CHECK(false, "unknown misbehaviour ", what);
     }
   };
-  const size_t smem = what == "wmma_mapping" ? 256 * sizeof(float) : 32 * sizeof(float);
+  const size_t smem = what == "wmma_mapping" || what == "wmma_unaligned" ? 256 * sizeof(float) : 32 * sizeof(float);
   cudasim::launch(what.c_str(), dim3(1), dim3(32), smem, body);
 }
 
@@ -140,6 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compact_into", &compact_into);
   m.def("window_scores_plan", &window_scores_plan);
   m.def("misbehave", &misbehave);
+  m.def("warp_ops", &warp_ops);
   m.def("sanitized", [] {
 #if defined(__SANITIZE_ADDRESS__)
     return true;

@@ -77,7 +77,7 @@ def test_window_scores(B, Hq, Hkv, w, L, D, dtype, pad, reduce):
     q = rand((B, Hq, w, D), dtype, L + D, scale=2.0)
     k = rand((B, Hkv, L, D), dtype, L * D)
     p = None if pad is None else torch.tensor(pad)
-    out = sim.window_scores(q, k, p, reduce, None)
+    out = both_orders(lambda: sim.window_scores(q, k, p, reduce, None))
     assert_scores_close(out, q, k, p, reduce)
     if p is not None:
         for b in range(B):
@@ -224,11 +224,28 @@ def test_fused_selection_matches_reference(dtype):
     ("shfl_outside_mask", "not in the mask"),
     ("partial_warp_collective", "deadlock"),
     ("wmma_mapping", "wmma fragment is not row-mapped"),
+    ("wmma_unaligned", "not 256-bit aligned"),
 ])
 def test_simulator_reports(what, message):
     with pytest.raises(RuntimeError, match=message) as e:
         sim.misbehave(what)
     assert what in str(e.value), "the report names the kernel"
+
+
+def test_simulator_warp_ops_semantics():
+    """Votes and shuffles as CUDA defines them, including partial masks and widths."""
+    r = sim.warp_ops()
+    for t in range(64):
+        lane, base = t % 32, t - t % 32
+        if lane < 16:
+            assert r[t, 0] == sum(1 << l for l in range(16) if l % 3 == 0)
+        assert r[t, 1] == int(t >= 32)  # thread 40 is in the second warp
+        if lane % 2 == 1:
+            assert r[t, 2] == int(t < 32)  # lane 31 of the second warp votes false
+        assert r[t, 3] == (t - 3 if lane >= 3 else t)
+        seg = lane // 16 * 16
+        assert r[t, 4] == (t + 5 if lane + 5 < seg + 16 else t)
+        assert r[t, 5] == base + 7
 
 
 def test_simulator_smem_bounds_under_asan():

@@ -1,0 +1,83 @@
+"""Bytes, FLOPs and the expected time of each CUDA op on A100 and H100, from the kernels' design
+(csrc/cuda/*_kernels.cuh): the roofline table of benchmarks/RESULTS.md, section 6.
+
+    python benchmarks/roofline.py [--lengths 32768 131072] [--budget 2048]
+
+Per op, what the kernels move through global memory and compute (bf16 inputs):
+- window_scores: two passes (softmax statistics, then votes), each reading the keys once when the
+  group's G*w query rows fit one row block (<= 128 rows; otherwise once per block), plus the
+  window queries per CTA, the chunk partials and the fp32 output. FLOPs: 2 * H_q * w * L * D per
+  pass on tensor cores, exp per logit (two per logit overall) on the SFUs.
+- pool_scores: read and write [B, H_kv, N] fp32.
+- select_topk: four digit passes plus a count and a write pass over [B, H_kv, N] fp32
+  (sliced path; the one-CTA-per-row path reads the same), 10 launches.
+- compact: read and write (k + w) rows of keys and values.
+Expected time = max(bytes / HBM bandwidth, FLOPs / tensor peak) plus a launch floor per kernel,
+with no credit for L2 (the votes pass walks the CTAs in the reverse order of the statistics pass,
+so on an H100 up to ~40 MB of its key reads can hit L2: the figures are an upper bound);
+the measured numbers replace these whenever a GPU is lent (bench_ops.py --device cuda).
+"""
+from __future__ import annotations
+
+import argparse
+
+SHAPES = {  # name: (H_q, H_kv, D)
+    "llama3-8b": (32, 8, 128),
+    "lwm-7b": (32, 32, 128),
+}
+GPUS = {  # name: (HBM bytes/s, dense bf16 tensor FLOP/s, launch floor s)
+    "A100": (2.0e12, 312e12, 3e-6),
+    "H100": (3.35e12, 989e12, 2.5e-6),
+}
+W = 32
+ROW_BLOCK = 128
+
+
+def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
+    """-> {op: (bytes, flops, launches)}"""
+    N = L - W
+    G = H_q // H_kv
+    R = G * W
+    blocks = -(-R // ROW_BLOCK)
+    key_bytes = B * H_kv * L * D * es
+    ctas = max(2 * 132, B * H_kv)  # the plan's ~two waves per pass
+    q_reads = ctas * min(R, ROW_BLOCK) * blocks * D * es  # each CTA loads its query block(s)
+    ws_bytes = 2 * blocks * key_bytes + 2 * q_reads + B * H_kv * N * 4
+    ws_flops = 2 * (2 * B * H_q * W * L * D)
+    scores = B * H_kv * N * 4
+    k = budget - W
+    rows_bytes = B * H_kv * (k + W) * D * es
+    return {
+        "window_scores": (ws_bytes, ws_flops, 3),
+        "pool_scores": (2 * scores, 0, 1),
+        "select_topk": (6 * scores, 0, 10),
+        "compact": (2 * 2 * rows_bytes, 0, 1),
+    }, key_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--budget", type=int, default=2048)
+    a = ap.parse_args()
+    print("| shape | L | op | MB moved | GFLOP | A100 µs | H100 µs |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (H_q, H_kv, D) in SHAPES.items():
+        for L in a.lengths:
+            costs, key_bytes = op_costs(H_q, H_kv, D, L, a.budget)
+            total = {g: 0.0 for g in GPUS}
+            for op, (nbytes, flops, launches) in costs.items():
+                t = {}
+                for g, (bw, peak, floor) in GPUS.items():
+                    t[g] = max(nbytes / bw, flops / peak) + launches * floor
+                    total[g] += t[g]
+                print(f"| {name} | {L // 1024}K | {op} | {nbytes / 1e6:.1f} | {flops / 1e9:.1f} | "
+                      f"{t['A100'] * 1e6:.0f} | {t['H100'] * 1e6:.0f} |")
+            print(f"| {name} | {L // 1024}K | **fused** | | | **{total['A100'] * 1e6:.0f}** | **{total['H100'] * 1e6:.0f}** |")
+            one_read = {g: key_bytes / bw for g, (bw, _, _) in GPUS.items()}
+            print(f"| {name} | {L // 1024}K | (keys read once: {key_bytes / 1e6:.0f} MB) | | | "
+                  f"{one_read['A100'] * 1e6:.0f} | {one_read['H100'] * 1e6:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
