@@ -339,16 +339,21 @@ void warp_collective(const char* what, unsigned mask, const void* in, size_t in_
   f.mask = mask;
   f.state = State::InWarpOp;
   std::vector<Fiber>& fibers = *b.fibers;
-  // Complete when every lane in the mask waits in the same collective with the same mask.
+  // Complete when every lane in the mask waits in the same collective with the same mask. A lane
+  // waiting in another collective is not an error (independent thread scheduling lets lanes of
+  // one warp wait in different collectives); if nothing can progress, the scheduler reports the
+  // deadlock. The same collective with a different mask naming this lane is an error.
   bool complete = true;
-  for (int l = 0; l < 32 && complete; ++l) {
+  for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     const Fiber& o = fibers[warp_base + l];
-    if (o.state != State::InWarpOp) {
+    if (o.state != State::InWarpOp || std::strcmp(o.op, what) != 0) {
       complete = false;
-    } else if (std::strcmp(o.op, what) != 0 || o.mask != mask) {
-      fail(std::string(what) + " (mask " + std::to_string(mask) + ") meets lane " + std::to_string(l) + " in " +
-           o.op + " (mask " + std::to_string(o.mask) + ")");
+    } else if (o.mask != mask && (o.mask >> lane & 1u)) {
+      fail(std::string(what) + " (mask " + std::to_string(mask) + ") meets lane " + std::to_string(l) +
+           " in the same collective with mask " + std::to_string(o.mask));
+    } else if (o.mask != mask) {
+      complete = false;
     }
   }
   if (complete) {
