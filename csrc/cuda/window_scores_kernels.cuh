@@ -48,7 +48,10 @@ struct Dims {
   float scale;
 };
 
-// Element types and the MMA of one 16x16 output fragment over the head dim, per input dtype.
+// Element types and the MMA of a warp unit: NR 16-row fragments of the query block against two
+// 16-key fragments of the key tile (acc[r][c] += Q[rows of r] . K[keys of c]^T over Dp), per
+// input dtype. Per k step a unit loads NR + 2 fragments for 2 * NR products: NR = 2 halves the
+// shared-memory bytes per product of NR = 1 (used when the block has rows enough for it).
 template <typename scalar_t>
 struct Mma;
 
@@ -58,20 +61,21 @@ struct Mma16 {
   using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T16, nvcuda::wmma::row_major>;
   using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T16, nvcuda::wmma::col_major>;
   using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-  // acc[c] += Q[16 rows] . K[16 keys of column fragment c]^T for c < 2, over Dp.
-  template <typename S>
-  __device__ static void run(C acc[2], const S* q, const S* k0, const S* k1, int64_t ld, int64_t Dp) {
+  template <int NR, typename S>
+  __device__ static void run(C (&acc)[NR][2], const S* q, const S* k0, const S* k1, int64_t ld, int64_t Dp) {
     const T16* qa = reinterpret_cast<const T16*>(q);
     const T16* kb0 = reinterpret_cast<const T16*>(k0);
     const T16* kb1 = reinterpret_cast<const T16*>(k1);
-    A a;
+    A a[NR];
     B b;
     for (int64_t d = 0; d < Dp; d += kK) {
-      nvcuda::wmma::load_matrix_sync(a, qa + d, static_cast<unsigned>(ld));
+#pragma unroll
+      for (int r = 0; r < NR; ++r) nvcuda::wmma::load_matrix_sync(a[r], qa + r * 16 * ld + d, static_cast<unsigned>(ld));
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         nvcuda::wmma::load_matrix_sync(b, (c == 0 ? kb0 : kb1) + d, static_cast<unsigned>(ld));
-        nvcuda::wmma::mma_sync(acc[c], a, b, acc[c]);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) nvcuda::wmma::mma_sync(acc[r][c], a[r], b, acc[r][c]);
       }
     }
   }
@@ -100,19 +104,27 @@ struct Mma<float> {
       lo.x[e] = nvcuda::wmma::__float_to_tf32(x - h);
     }
   }
-  __device__ static void run(C acc[2], const float* q, const float* k0, const float* k1, int64_t ld, int64_t Dp) {
-    A a_hi, a_lo;
+  template <int NR>
+  __device__ static void run(C (&acc)[NR][2], const float* q, const float* k0, const float* k1, int64_t ld,
+                             int64_t Dp) {
+    A a_hi[NR], a_lo[NR];
     B b_hi, b_lo;
     for (int64_t d = 0; d < Dp; d += kK) {
-      nvcuda::wmma::load_matrix_sync(a_hi, q + d, static_cast<unsigned>(ld));
-      split(a_hi, a_lo);
+#pragma unroll
+      for (int r = 0; r < NR; ++r) {
+        nvcuda::wmma::load_matrix_sync(a_hi[r], q + r * 16 * ld + d, static_cast<unsigned>(ld));
+        split(a_hi[r], a_lo[r]);
+      }
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         nvcuda::wmma::load_matrix_sync(b_hi, (c == 0 ? k0 : k1) + d, static_cast<unsigned>(ld));
         split(b_hi, b_lo);
-        nvcuda::wmma::mma_sync(acc[c], a_lo, b_hi, acc[c]);
-        nvcuda::wmma::mma_sync(acc[c], a_hi, b_lo, acc[c]);
-        nvcuda::wmma::mma_sync(acc[c], a_hi, b_hi, acc[c]);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          nvcuda::wmma::mma_sync(acc[r][c], a_lo[r], b_hi, acc[r][c]);
+          nvcuda::wmma::mma_sync(acc[r][c], a_hi[r], b_lo, acc[r][c]);
+          nvcuda::wmma::mma_sync(acc[r][c], a_hi[r], b_hi, acc[r][c]);
+        }
       }
     }
   }
@@ -181,24 +193,41 @@ __device__ void issue_key_tile(scalar_t* __restrict__ ks, const scalar_t* __rest
 }
 
 // Logits of the resident query block against one key tile: s[rows, kTK] (unscaled, fp32).
-// Warp units are (16-row fragment, 32-key half tile), dealt round-robin to the warps.
+// Warp units are (NR * 16 rows, 32-key half tile), dealt round-robin to the warps.
+template <int NR, typename scalar_t>
+__device__ void tile_logits_units(float* __restrict__ s, const scalar_t* __restrict__ qs,
+                                  const scalar_t* __restrict__ ks, const Dims& dm) {
+  using M = Mma<scalar_t>;
+  const int warp = threadIdx.x / 32;
+  const int64_t units = dm.rows / (16 * NR) * 2;
+  for (int64_t u = warp; u < units; u += kWarps) {
+    const int64_t rb = u / 2, half = u % 2;
+    typename M::C acc[NR][2];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {
+      nvcuda::wmma::fill_fragment(acc[r][0], 0.f);
+      nvcuda::wmma::fill_fragment(acc[r][1], 0.f);
+    }
+    const scalar_t* k0 = ks + (half * 32) * dm.ld;
+    M::run(acc, qs + rb * NR * 16 * dm.ld, k0, k0 + 16 * dm.ld, dm.ld, dm.Dp);
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        nvcuda::wmma::store_matrix_sync(s + (rb * NR + r) * 16 * kSLd + half * 32 + c * 16, acc[r][c], kSLd,
+                                        nvcuda::wmma::mem_row_major);
+  }
+}
+
+// Two-row-fragment units once the block has rows for a unit per warp with them (128 rows:
+// 4 x 2 units), else one-fragment units (more units for the 8 warps).
 template <typename scalar_t>
 __device__ void tile_logits(float* __restrict__ s, const scalar_t* __restrict__ qs, const scalar_t* __restrict__ ks,
                             const Dims& dm) {
-  using M = Mma<scalar_t>;
-  const int warp = threadIdx.x / 32;
-  const int64_t units = dm.rows / 16 * 2;
-  for (int64_t u = warp; u < units; u += kWarps) {
-    const int64_t rf = u / 2, half = u % 2;
-    typename M::C acc[2];
-    nvcuda::wmma::fill_fragment(acc[0], 0.f);
-    nvcuda::wmma::fill_fragment(acc[1], 0.f);
-    const scalar_t* k0 = ks + (half * 32) * dm.ld;
-    M::run(acc, qs + rf * 16 * dm.ld, k0, k0 + 16 * dm.ld, dm.ld, dm.Dp);
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      nvcuda::wmma::store_matrix_sync(s + rf * 16 * kSLd + half * 32 + c * 16, acc[c], kSLd, nvcuda::wmma::mem_row_major);
-  }
+  if (dm.rows >= 128)
+    tile_logits_units<2>(s, qs, ks, dm);
+  else
+    tile_logits_units<1>(s, qs, ks, dm);
 }
 
 // Streams key tiles [t0, t1) of kh through the resident query block; after each tile's logits
@@ -386,7 +415,10 @@ inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int
   dm.N = L - w;
   dm.Hkv = Hkv;
   dm.Dp = round_up(D, 16);
-  dm.ld = dm.Dp + 16 / elem_bytes * 2;  // +32 bytes per row: fewer bank conflicts, rows stay 16-byte aligned
+  // +16 bytes per row: a row stride of an odd multiple of 16 bytes modulo 128, so the 8 rows a
+  // fragment load reads at once hit 8 different 16-byte bank groups; rows stay 16-byte aligned
+  // (async copies) and 16-row blocks 32-byte aligned (WMMA).
+  dm.ld = dm.Dp + 16 / elem_bytes;
   dm.async_rows = rows_aligned && (D * elem_bytes) % 16 == 0;
   dm.scale = scale;
   // Spread each KV head's keys over enough CTAs for about two waves.
