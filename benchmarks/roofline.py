@@ -12,7 +12,8 @@ Per op, what the kernels move through global memory and compute (bf16 inputs):
 - select_topk: four digit passes plus a count and a write pass over [B, H_kv, N] fp32
   (sliced path; the one-CTA-per-row path reads the same), 10 launches.
 - compact: read and write (k + w) rows of keys and values.
-Expected time = max(bytes / HBM bandwidth, FLOPs / tensor peak) plus a launch floor per kernel,
+Expected time = max(bytes / HBM bandwidth, FLOPs / tensor peak, shared-memory bytes / shared-memory
+bandwidth (128 B per clock per SM)) plus a launch floor per kernel,
 with no credit for L2 (the votes pass walks the CTAs in the reverse order of the statistics pass,
 so on an H100 up to ~40 MB of its key reads can hit L2: the figures are an upper bound);
 the measured numbers replace these whenever a GPU is lent (bench_ops.py --device cuda).
@@ -25,9 +26,9 @@ SHAPES = {  # name: (H_q, H_kv, D)
     "llama3-8b": (32, 8, 128),
     "lwm-7b": (32, 32, 128),
 }
-GPUS = {  # name: (HBM bytes/s, dense bf16 tensor FLOP/s, launch floor s)
-    "A100": (2.0e12, 312e12, 3e-6),
-    "H100": (3.35e12, 989e12, 2.5e-6),
+GPUS = {  # name: (HBM bytes/s, dense bf16 tensor FLOP/s, launch floor s, shared-memory bytes/s)
+    "A100": (2.0e12, 312e12, 3e-6, 108 * 128 * 1.41e9),
+    "H100": (3.35e12, 989e12, 2.5e-6, 132 * 128 * 1.83e9),
 }
 W = 32
 ROW_BLOCK = 128
@@ -44,14 +45,21 @@ def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
     q_reads = ctas * min(R, ROW_BLOCK) * blocks * D * es  # each CTA loads its query block(s)
     ws_bytes = 2 * blocks * key_bytes + 2 * q_reads + B * H_kv * N * 4
     ws_flops = 2 * (2 * B * H_q * W * L * D)
+    # Shared memory per pass: WMMA fragment loads (a warp unit of NR 16-row fragments and two
+    # 16-key fragments loads NR + 2 fragments of 512 B per 2 * NR products of 4096 MACs), the fp32
+    # logit tile stored and read back (8 B per logit), the key tile written by the async copies.
+    rows = min(-(-R // 16) * 16, ROW_BLOCK)
+    nr = 2 if rows >= 128 else 1
+    macs = B * H_q * W * L * D
+    ws_smem = 2 * (macs * (nr + 2) * 512 / (2 * nr * 4096) + 8 * B * H_q * W * L + blocks * key_bytes)
     scores = B * H_kv * N * 4
     k = budget - W
     rows_bytes = B * H_kv * (k + W) * D * es
     return {
-        "window_scores": (ws_bytes, ws_flops, 3),
-        "pool_scores": (2 * scores, 0, 1),
-        "select_topk": (6 * scores, 0, 10),
-        "compact": (2 * 2 * rows_bytes, 0, 1),
+        "window_scores": (ws_bytes, ws_flops, 3, ws_smem),
+        "pool_scores": (2 * scores, 0, 1, 0),
+        "select_topk": (6 * scores, 0, 10, 0),
+        "compact": (2 * 2 * rows_bytes, 0, 1, 0),
     }, key_bytes
 
 
@@ -60,22 +68,23 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--budget", type=int, default=2048)
     a = ap.parse_args()
-    print("| shape | L | op | MB moved | GFLOP | A100 µs | H100 µs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | L | op | MB moved | GFLOP | MB through smem | A100 µs | H100 µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (H_q, H_kv, D) in SHAPES.items():
         for L in a.lengths:
             costs, key_bytes = op_costs(H_q, H_kv, D, L, a.budget)
             total = {g: 0.0 for g in GPUS}
-            for op, (nbytes, flops, launches) in costs.items():
+            for op, (nbytes, flops, launches, smem) in costs.items():
                 t = {}
-                for g, (bw, peak, floor) in GPUS.items():
-                    t[g] = max(nbytes / bw, flops / peak) + launches * floor
+                for g, (bw, peak, floor, smem_bw) in GPUS.items():
+                    t[g] = max(nbytes / bw, flops / peak, smem / smem_bw) + launches * floor
                     total[g] += t[g]
                 print(f"| {name} | {L // 1024}K | {op} | {nbytes / 1e6:.1f} | {flops / 1e9:.1f} | "
-                      f"{t['A100'] * 1e6:.0f} | {t['H100'] * 1e6:.0f} |")
-            print(f"| {name} | {L // 1024}K | **fused** | | | **{total['A100'] * 1e6:.0f}** | **{total['H100'] * 1e6:.0f}** |")
-            one_read = {g: key_bytes / bw for g, (bw, _, _) in GPUS.items()}
-            print(f"| {name} | {L // 1024}K | (keys read once: {key_bytes / 1e6:.0f} MB) | | | "
+                      f"{smem / 1e6:.0f} | {t['A100'] * 1e6:.0f} | {t['H100'] * 1e6:.0f} |")
+            print(f"| {name} | {L // 1024}K | **fused** | | | | **{total['A100'] * 1e6:.0f}** | "
+                  f"**{total['H100'] * 1e6:.0f}** |")
+            one_read = {g: key_bytes / v[0] for g, v in GPUS.items()}
+            print(f"| {name} | {L // 1024}K | (keys read once: {key_bytes / 1e6:.0f} MB) | | | | "
                   f"{one_read['A100'] * 1e6:.0f} | {one_read['H100'] * 1e6:.0f} |")
 
 
