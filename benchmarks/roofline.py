@@ -48,10 +48,13 @@ def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
     # Shared memory per pass: WMMA fragment loads (a warp unit of NR 16-row fragments and two
     # 16-key fragments loads NR + 2 fragments of 512 B per 2 * NR products of 4096 MACs), the fp32
     # logit tile stored and read back (8 B per logit), the key tile written by the async copies.
+    # With a 128-row block, 16-bit inputs and D <= 128 the query fragments stay in registers
+    # (QFrags): a unit then loads only its two key fragments per k step.
     rows = min(-(-R // 16) * 16, ROW_BLOCK)
     nr = 2 if rows >= 128 else 1
+    loads = 2 if (rows == ROW_BLOCK and es == 2 and D <= 128) else nr + 2
     macs = B * H_q * W * L * D
-    ws_smem = 2 * (macs * (nr + 2) * 512 / (2 * nr * 4096) + 8 * B * H_q * W * L + blocks * key_bytes)
+    ws_smem = 2 * (macs * loads * 512 / (2 * nr * 4096) + 8 * B * H_q * W * L + blocks * key_bytes)
     scores = B * H_kv * N * 4
     k = budget - W
     rows_bytes = B * H_kv * (k + W) * D * es

@@ -20,6 +20,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <cstdlib>
+
 #include "../common.h"
 #include "../dispatch.h"
 #include "kernel_support.cuh"
@@ -45,6 +47,7 @@ struct Dims {
   int64_t chunk;       // key tiles per CTA
   int64_t chunks;      // CTAs along the keys per KV head
   int async_rows;      // 1: key rows are 16-byte aligned, loaded with async copies
+  int resident;        // 1: query fragments stay in registers (QFrags)
   float scale;
 };
 
@@ -58,6 +61,8 @@ struct Mma;
 template <typename T16>
 struct Mma16 {
   static constexpr int kK = 16;
+  static constexpr int kMaxKSteps = 8;  // register-resident query fragments: D <= 128
+  using T = T16;
   using A = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T16, nvcuda::wmma::row_major>;
   using B = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T16, nvcuda::wmma::col_major>;
   using C = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
@@ -230,11 +235,80 @@ __device__ void tile_logits(float* __restrict__ s, const scalar_t* __restrict__ 
     tile_logits_units<1>(s, qs, ks, dm);
 }
 
+// Register-resident query fragments (16-bit inputs, a 128-row block, D <= 128): warp u owns
+// unit u (rows 32 * (u / 2) .. + 32, key half u % 2) for every tile of the row block and keeps
+// its query fragments in registers, so a tile costs it only the two key fragments per k step:
+// half the shared-memory bytes per product of tile_logits_units<2>. The empty primary template is
+// what the kernels hold when the plan does not use it.
+template <typename scalar_t, bool kOn>
+struct QFrags {
+  __device__ void load(const scalar_t*, const Dims&) {}
+  __device__ void logits(float*, const scalar_t*, const Dims&) const {}
+};
+template <typename scalar_t>
+struct QFrags<scalar_t, true> {
+  using M = Mma<scalar_t>;
+  typename M::A a[2][M::kMaxKSteps];
+  // After the query block is in shared memory and visible to every thread.
+  __device__ void load(const scalar_t* qs, const Dims& dm) {
+    const int64_t rb = threadIdx.x / 32 / 2;
+    const auto* q = reinterpret_cast<const typename M::T*>(qs) + rb * 32 * dm.ld;
+#pragma unroll
+    for (int ks = 0; ks < M::kMaxKSteps; ++ks) {
+      if (ks * M::kK >= dm.Dp) break;  // uniform
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        nvcuda::wmma::load_matrix_sync(a[r][ks], q + r * 16 * dm.ld + ks * M::kK, static_cast<unsigned>(dm.ld));
+    }
+  }
+  __device__ void logits(float* __restrict__ s, const scalar_t* __restrict__ ks, const Dims& dm) const {
+    const int warp = threadIdx.x / 32;
+    const int64_t rb = warp / 2, half = warp % 2;
+    const auto* kb = reinterpret_cast<const typename M::T*>(ks) + half * 32 * dm.ld;
+    typename M::C acc[2][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      nvcuda::wmma::fill_fragment(acc[r][0], 0.f);
+      nvcuda::wmma::fill_fragment(acc[r][1], 0.f);
+    }
+    typename M::B b;
+#pragma unroll
+    for (int k = 0; k < M::kMaxKSteps; ++k) {
+      if (k * M::kK >= dm.Dp) break;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        nvcuda::wmma::load_matrix_sync(b, kb + c * 16 * dm.ld + k * M::kK, static_cast<unsigned>(dm.ld));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) nvcuda::wmma::mma_sync(acc[r][c], a[r][k], b, acc[r][c]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        nvcuda::wmma::store_matrix_sync(s + (rb * 2 + r) * 16 * kSLd + half * 32 + c * 16, acc[r][c], kSLd,
+                                        nvcuda::wmma::mem_row_major);
+  }
+};
+
+// Loads a row block of queries into shared memory, and into registers when the plan keeps them
+// there (a barrier first: the fragments are read from the whole block's stores).
+template <typename scalar_t, bool kResident>
+__device__ void load_query_block(scalar_t* __restrict__ qs, QFrags<scalar_t, kResident>& qf,
+                                 const scalar_t* __restrict__ qg, int64_t r0, int64_t n, const Dims& dm) {
+  load_queries(qs, qg, r0, n, dm);
+  if (kResident) {
+    __syncthreads();
+    qf.load(qs, dm);
+  }
+}
+
 // Streams key tiles [t0, t1) of kh through the resident query block; after each tile's logits
 // are in `s` (and every thread can read them), calls epilogue(tile).
-template <typename scalar_t, typename Epilogue>
-__device__ void stream_tiles(unsigned char* smem, const Smem& lay, const scalar_t* __restrict__ kh, int64_t t0,
-                             int64_t t1, int64_t j_end, const Dims& dm, Epilogue&& epilogue) {
+template <typename scalar_t, bool kResident, typename Epilogue>
+__device__ void stream_tiles(unsigned char* smem, const Smem& lay, const QFrags<scalar_t, kResident>& qf,
+                             const scalar_t* __restrict__ kh, int64_t t0, int64_t t1, int64_t j_end, const Dims& dm,
+                             Epilogue&& epilogue) {
   const scalar_t* qs = reinterpret_cast<const scalar_t*>(smem + lay.q);
   // Two key buffers, selected by tile parity (no pointer array: it would live in local memory).
   scalar_t* const kb0 = reinterpret_cast<scalar_t*>(smem + lay.k0);
@@ -251,13 +325,16 @@ __device__ void stream_tiles(unsigned char* smem, const Smem& lay, const scalar_
       __pipeline_wait_prior(0);
     }
     __syncthreads();  // tile t is in shared memory; the previous epilogue is done with s
-    tile_logits(s, qs, odd ? kb1 : kb0, dm);
+    if (kResident)
+      qf.logits(s, odd ? kb1 : kb0, dm);
+    else
+      tile_logits(s, qs, odd ? kb1 : kb0, dm);
     __syncthreads();  // s holds tile t's logits
     epilogue(t);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const scalar_t* __restrict__ q,      // [B, H_kv, R, D] (query head kv*G + g, row g*w + i)
                  const scalar_t* __restrict__ keys,   // [B, H_kv, L, D]
@@ -272,19 +349,20 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t p0 = pad ? pad[bh / dm.Hkv] : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const scalar_t* kh = keys + bh * dm.L * dm.D;
+  QFrags<scalar_t, kResident> qf;
   const int64_t t0 = chunk * dm.chunk, t1 = t0 + dm.chunk < ceil_div(dm.L, kTK) ? t0 + dm.chunk : ceil_div(dm.L, kTK);
   zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k0), dm);
   zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k1), dm);
 
   for (int64_t r0 = 0; r0 < dm.R; r0 += dm.rows) {
     const int64_t n = dm.R - r0 < dm.rows ? dm.R - r0 : dm.rows;
-    load_queries(qs, q + bh * dm.R * dm.D, r0, n, dm);
+    load_query_block(qs, qf, q + bh * dm.R * dm.D, r0, n, dm);
     // Lane-private running statistics of the warp's rows (row warp + m * kWarps) over the
     // lane's columns; merged across lanes once, after the chunk.
     SoftmaxStat st[kMaxRowsPerWarp];
 #pragma unroll
     for (int m = 0; m < kMaxRowsPerWarp; ++m) st[m] = stat_empty();
-    stream_tiles(smem, lay, kh, t0, t1, dm.L, dm, [&](int64_t t) {
+    stream_tiles(smem, lay, qf, kh, t0, t1, dm.L, dm, [&](int64_t t) {
 #pragma unroll
       for (int m = 0; m < kMaxRowsPerWarp; ++m) {
         const int64_t rl = warp + m * kWarps;
@@ -327,7 +405,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) lse[row] = stat_lse(x);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     votes_kernel(const scalar_t* __restrict__ q,     // [B, H_kv, R, D]
                  const scalar_t* __restrict__ keys,  // [B, H_kv, L, D]
@@ -347,6 +425,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t p0 = pad ? pad[bh / dm.Hkv] : 0;
   const int col = threadIdx.x / kThreadsPerCol, sub = threadIdx.x % kThreadsPerCol;
   const scalar_t* kh = keys + bh * dm.L * dm.D;
+  QFrags<scalar_t, kResident> qf;
   const int64_t t0 = chunk * dm.chunk, t1 = t0 + dm.chunk < ceil_div(dm.N, kTK) ? t0 + dm.chunk : ceil_div(dm.N, kTK);
   zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k0), dm);
   zero_key_pad(reinterpret_cast<scalar_t*>(smem + lay.k1), dm);
@@ -359,9 +438,9 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t r0 = 0; r0 < dm.R; r0 += dm.rows) {
     const int64_t n = dm.R - r0 < dm.rows ? dm.R - r0 : dm.rows, r1 = r0 + n;
-    load_queries(qs, q + bh * dm.R * dm.D, r0, n, dm);
+    load_query_block(qs, qf, q + bh * dm.R * dm.D, r0, n, dm);
     for (int64_t r = threadIdx.x; r < n; r += blockDim.x) lse_s[r] = lse[bh * dm.R + r0 + r];
-    stream_tiles(smem, lay, kh, t0, t1, dm.N, dm, [&](int64_t t) {
+    stream_tiles(smem, lay, qf, kh, t0, t1, dm.N, dm, [&](int64_t t) {
       const int64_t j = t * kTK + col;
       // Prefix keys are visible to every window query, unless they are padding.
       const bool vis = j < dm.N && j >= p0;
@@ -395,6 +474,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side: the launch plan, shared by the CUDA launcher and the CPU simulator ----
 
+// Register-resident query fragments exist for 16-bit inputs only (float32's 3xTF32 fragments
+// would need four times the registers).
+template <typename scalar_t>
+constexpr bool kSixteenBit = sizeof(scalar_t) == 2;
+
 struct Plan {
   Dims stats_dm, votes_dm;  // they differ in their chunk of key tiles
   LaunchShape stats, combine, votes;
@@ -405,7 +489,7 @@ struct Plan {
 // block does not fit (the head dim is too large for this device).
 inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int64_t D, int64_t G,
                                int64_t elem_bytes, bool rows_aligned, float scale, int sm_count, size_t max_smem,
-                               Plan* p) {
+                               Plan* p, bool allow_resident = true) {
   Dims dm;
   dm.L = L;
   dm.w = w;
@@ -437,6 +521,7 @@ inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int
     }
   }
   if (dm.rows == 0) return false;
+  dm.resident = allow_resident && elem_bytes == 2 && dm.rows == 128 && dm.Dp <= 128;
   p->stats_dm = dm;
   p->stats_dm.chunk = chunk;
   p->stats_dm.chunks = ceil_div(tiles, chunk);
@@ -464,9 +549,13 @@ at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Ten
   const at::Tensor pad = pad_lengths.has_value() ? pad_lengths->contiguous() : at::Tensor();
   const int64_t* pad_ptr = pad.defined() ? pad.data_ptr<int64_t>() : nullptr;
   const bool aligned = reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0;
+  // SNAPKV_WS_RESIDENT=0 keeps the query fragments in shared memory (for A/B profiling: the
+  // register-resident variant trades occupancy for half the shared-memory traffic).
+  const char* resident_env = std::getenv("SNAPKV_WS_RESIDENT");
+  const bool allow_resident = !(resident_env && resident_env[0] == '0');
   Plan p;
   SNAPKV_CHECK(plan_window_scores(B, Hkv, L, w, D, G, k.element_size(), aligned, scale, ex.sm_count(),
-                                  ex.max_smem_optin(), &p),
+                                  ex.max_smem_optin(), &p, allow_resident),
                "head dim D = ", D, " is too large for the CUDA window_scores kernel on this device");
   auto f32 = keys.options().dtype(at::kFloat);
   const int64_t rows = B * Hkv * p.stats_dm.R;
@@ -477,10 +566,12 @@ at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Ten
   SNAPKV_DISPATCH_FLOATING(k.scalar_type(), "window_scores_cuda", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
-    ex.launch("window_scores.stats", stats_kernel<scalar_t>, p.stats, qp, kp, pad_ptr, pp, p.stats_dm);
+    auto stats = p.stats_dm.resident ? stats_kernel<scalar_t, kSixteenBit<scalar_t>> : stats_kernel<scalar_t, false>;
+    auto votes = p.votes_dm.resident ? votes_kernel<scalar_t, kSixteenBit<scalar_t>> : votes_kernel<scalar_t, false>;
+    ex.launch("window_scores.stats", stats, p.stats, qp, kp, pad_ptr, pp, p.stats_dm);
     ex.launch("window_scores.combine", combine_kernel, p.combine, static_cast<const SoftmaxStat*>(pp),
               lse.data_ptr<float>(), rows, p.stats_dm.chunks);
-    ex.launch("window_scores.votes", votes_kernel<scalar_t>, p.votes, qp, kp, pad_ptr,
+    ex.launch("window_scores.votes", votes, p.votes, qp, kp, pad_ptr,
               static_cast<const float*>(lse.data_ptr<float>()), out.data_ptr<float>(), p.votes_dm, reduce);
   });
   return out;

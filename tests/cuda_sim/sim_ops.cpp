@@ -92,7 +92,8 @@ std::map<std::string, int64_t> window_scores_plan(int64_t B, int64_t Hkv, int64_
           {"votes_chunk", p.votes_dm.chunk},
           {"votes_ctas", static_cast<int64_t>(p.votes.grid.x) * p.votes.grid.y},
           {"votes_smem", static_cast<int64_t>(p.votes.smem)},
-          {"async_rows", p.stats_dm.async_rows}};
+          {"async_rows", p.stats_dm.async_rows},
+          {"resident", p.stats_dm.resident}};
 }
 
 // Warp votes and shuffles over two warps with partial masks: [64, 6] int64 per thread:

@@ -96,6 +96,15 @@ def test_window_scores_plans(sm_count, max_smem):
         assert_scores_close(sim.window_scores(q, k, p, reduce, None), q, k, p, reduce)
 
 
+def test_window_scores_shared_memory_queries(monkeypatch):
+    """SNAPKV_WS_RESIDENT=0: the same shapes with the query fragments read from shared memory
+    (the variant a GPU session compares against the register-resident one)."""
+    monkeypatch.setenv("SNAPKV_WS_RESIDENT", "0")
+    q = rand((2, 8, 32, 128), torch.bfloat16, 11, scale=2.0)
+    k = rand((2, 2, 300, 128), torch.bfloat16, 12)
+    assert_scores_close(both_orders(lambda: sim.window_scores(q, k, None, "mean", None)), q, k)
+
+
 def test_window_scores_scale_and_orders():
     """An explicit scale (e.g. Gemma's query_pre_attn_scalar) and both thread orders."""
     q = rand((1, 4, 32, 80), torch.float16, 3, scale=3.0)
@@ -128,6 +137,7 @@ def test_window_scores_plan_host_logic():
                     assert p["rows"] == min(128, -(-G * w // 16) * 16)
                 assert p["stats_ctas"] >= 132 and p["votes_ctas"] >= 132
                 assert p["async_rows"] == int((D * es) % 16 == 0)
+                assert p["resident"] == int(es == 2 and p["rows"] == 128 and -(-D // 16) * 16 <= 128)
     assert sim.window_scores_plan(1, 8, 1024, 32, 4096, 1, 4, 132, 48 * 1024)["ok"] == 0
 
 
