@@ -7,9 +7,9 @@ simulator tests in a child Python started with LD_PRELOAD=<libasan> (see `saniti
 """
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -27,13 +27,12 @@ def load(verbose: bool = False):
     """Builds (if needed) and imports the simulator module. Call with the ASan runtime preloaded."""
     from torch.utils.cpp_extension import load as load_ext
 
-    # The compilers the build starts need no sanitizer runtime.
+    # The compilers the build starts need no sanitizer runtime; ninja comes from this Python's
+    # environment when it is not on PATH.
     os.environ.pop("LD_PRELOAD", None)
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     os.makedirs(BUILD, exist_ok=True)
-    # Headers are dependencies too: ninja tracks them, but torch's own staleness check looks
-    # only at the listed sources, so list the kernel headers as sources' companions.
-    deps = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.*h"), recursive=True) +
-                  glob.glob(os.path.join(HERE, "*.h")))
+    # ninja tracks the kernel headers through the compiler's dependency files.
     return load_ext(
         name="snapkv_cuda_sim",
         sources=sources(),
@@ -44,7 +43,7 @@ def load(verbose: bool = False):
         verbose=verbose,
         keep_intermediates=True,
         with_cuda=False,
-    ) if deps is not None else None
+    )
 
 
 def asan_runtime() -> str:
