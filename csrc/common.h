@@ -107,6 +107,14 @@ SNAPKV_HD uint32_t order_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Whether bin `bin`, holding `count` candidates with `above` candidates in the bins above it, is
+// the one that holds the need-th best candidate (need >= 1 and at most all candidates): exactly
+// one bin answers true, and need - above is then what is still to be taken from it. Used bin by
+// bin (radix_pick_bin, the CPU) and by one thread per bin in parallel (the CUDA top-k).
+SNAPKV_HD bool radix_bin_takes(int bin, int64_t above, int64_t count, int64_t need) {
+  return above < need && (above + count >= need || bin == 0);
+}
+
 // Radix select over order keys, 8 bits a pass from the most significant digit. `hist` counts the
 // current digit of the candidates (keys whose higher digits equal the prefix chosen so far) and
 // `need` (>= 1) is how many keys are still to be taken from the candidates. Returns the digit
@@ -115,22 +123,13 @@ SNAPKV_HD uint32_t order_key(float v) {
 // above T is selected, plus the first `need` keys equal to T in position order.
 SNAPKV_HD int radix_pick_bin(const uint32_t* hist, int64_t* need) {
   int64_t above = 0;
-  for (int bin = 255; bin > 0; --bin) {
-    if (above + hist[bin] >= *need) {
+  for (int bin = 255;; --bin) {
+    if (radix_bin_takes(bin, above, hist[bin], *need)) {
       *need -= above;
       return bin;
     }
     above += hist[bin];
   }
-  *need -= above;
-  return 0;
-}
-
-// The same choice, made by one thread per bin in parallel: bin `bin` holds `count` candidates
-// and the bins above it `above`; exactly one bin answers true (the one radix_pick_bin returns),
-// and then need - above is what is still to be taken from it.
-SNAPKV_HD bool radix_bin_takes(int bin, int64_t above, int64_t count, int64_t need) {
-  return above < need && (above + count >= need || bin == 0);
 }
 
 }  // namespace snapkv

@@ -197,6 +197,26 @@ __device__ void issue_key_tile(scalar_t* __restrict__ ks, const scalar_t* __rest
   __pipeline_commit();
 }
 
+// A warp unit's accumulators: NR 16-row fragments x two 16-key fragments, zeroed, and stored into
+// the logit tile at row block rb (of NR * 16 rows) and key half `half`.
+template <int NR, typename C>
+__device__ void zero_unit(C (&acc)[NR][2]) {
+#pragma unroll
+  for (int r = 0; r < NR; ++r) {
+    nvcuda::wmma::fill_fragment(acc[r][0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[r][1], 0.f);
+  }
+}
+template <int NR, typename C>
+__device__ void store_unit(float* __restrict__ s, const C (&acc)[NR][2], int64_t rb, int64_t half) {
+#pragma unroll
+  for (int r = 0; r < NR; ++r)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      nvcuda::wmma::store_matrix_sync(s + (rb * NR + r) * 16 * kSLd + half * 32 + c * 16, acc[r][c], kSLd,
+                                      nvcuda::wmma::mem_row_major);
+}
+
 // Logits of the resident query block against one key tile: s[rows, kTK] (unscaled, fp32).
 // Warp units are (NR * 16 rows, 32-key half tile), dealt round-robin to the warps.
 template <int NR, typename scalar_t>
@@ -208,19 +228,10 @@ __device__ void tile_logits_units(float* __restrict__ s, const scalar_t* __restr
   for (int64_t u = warp; u < units; u += kWarps) {
     const int64_t rb = u / 2, half = u % 2;
     typename M::C acc[NR][2];
-#pragma unroll
-    for (int r = 0; r < NR; ++r) {
-      nvcuda::wmma::fill_fragment(acc[r][0], 0.f);
-      nvcuda::wmma::fill_fragment(acc[r][1], 0.f);
-    }
+    zero_unit(acc);
     const scalar_t* k0 = ks + (half * 32) * dm.ld;
     M::run(acc, qs + rb * NR * 16 * dm.ld, k0, k0 + 16 * dm.ld, dm.ld, dm.Dp);
-#pragma unroll
-    for (int r = 0; r < NR; ++r)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        nvcuda::wmma::store_matrix_sync(s + (rb * NR + r) * 16 * kSLd + half * 32 + c * 16, acc[r][c], kSLd,
-                                        nvcuda::wmma::mem_row_major);
+    store_unit(s, acc, rb, half);
   }
 }
 
@@ -266,11 +277,7 @@ struct QFrags<scalar_t, true> {
     const int64_t rb = warp / 2, half = warp % 2;
     const auto* kb = reinterpret_cast<const typename M::T*>(ks) + half * 32 * dm.ld;
     typename M::C acc[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      nvcuda::wmma::fill_fragment(acc[r][0], 0.f);
-      nvcuda::wmma::fill_fragment(acc[r][1], 0.f);
-    }
+    zero_unit(acc);
     typename M::B b;
 #pragma unroll
     for (int k = 0; k < M::kMaxKSteps; ++k) {
@@ -282,12 +289,7 @@ struct QFrags<scalar_t, true> {
         for (int r = 0; r < 2; ++r) nvcuda::wmma::mma_sync(acc[r][c], a[r][k], b, acc[r][c]);
       }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int c = 0; c < 2; ++c)
-        nvcuda::wmma::store_matrix_sync(s + (rb * 2 + r) * 16 * kSLd + half * 32 + c * 16, acc[r][c], kSLd,
-                                        nvcuda::wmma::mem_row_major);
+    store_unit(s, acc, rb, half);
   }
 };
 

@@ -77,9 +77,14 @@ struct AsyncCopy {
   size_t bytes;
 };
 
-struct Fiber {
-  ucontext_t ctx;
+// A saved execution context: the stack pointer cudasim_switch keeps, or a ucontext.
+struct Context {
+  ucontext_t uc;
   void* sp = nullptr;
+};
+
+struct Fiber {
+  Context ctx;
   void* stack = nullptr;
   State state = State::Runnable;
   dim3 tid;
@@ -93,10 +98,6 @@ struct Fiber {
   Payload out{};
 };
 
-struct WarpOp {
-  std::function<void(const Payload*, Payload*, unsigned)> combine;
-};
-
 struct Block;
 thread_local Block* tl_block = nullptr;
 thread_local int tl_thread = -1;
@@ -108,16 +109,12 @@ struct Block {
   size_t smem_bytes = 0;
   int nthreads = 0;
   std::vector<Fiber>* fibers = nullptr;
-  ucontext_t sched;
-  void* sched_sp = nullptr;
+  Context sched;
   std::string error;
   std::function<void()> body;
-  // The lane that completes a warp collective runs its combine; the others wait for it.
-  std::vector<const std::function<void(const Payload*, Payload*, unsigned)>*> pending_combine;
-#if CUDASIM_ASAN
+  // The scheduler's stack, as ASan reports it when a fiber first starts (for switching back).
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
-#endif
 };
 
 std::string kernel_prefix(const Block& b) {
@@ -125,22 +122,32 @@ std::string kernel_prefix(const Block& b) {
          std::to_string(b.bidx.y) + "," + std::to_string(b.bidx.z) + "): ";
 }
 
-// Switches from the current fiber back to the scheduler.
-void to_scheduler() {
-  Block& b = *tl_block;
-  Fiber& f = (*b.fibers)[tl_thread];
+// Saves the running context in `from` and continues `to`, whose stack is [bottom, bottom + size),
+// telling ASan of the stack switch; `dying`: `from` never runs again.
+void switch_context(Context& from, Context& to, const void* bottom, size_t size, bool dying) {
 #if CUDASIM_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &fake, b.sched_stack_bottom, b.sched_stack_size);
+  __sanitizer_start_switch_fiber(dying ? nullptr : &fake, bottom, size);
+#else
+  (void)bottom;
+  (void)size;
+  (void)dying;
 #endif
 #if CUDASIM_ASM_SWITCH
-  cudasim_switch(&f.sp, b.sched_sp);
+  cudasim_switch(&from.sp, to.sp);
 #else
-  swapcontext(&f.ctx, &b.sched);
+  swapcontext(&from.uc, &to.uc);
 #endif
 #if CUDASIM_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
+}
+
+// Switches from the current fiber back to the scheduler.
+void to_scheduler() {
+  Block& b = *tl_block;
+  Fiber& f = (*b.fibers)[tl_thread];
+  switch_context(f.ctx, b.sched, b.sched_stack_bottom, b.sched_stack_size, f.state == State::Done);
 }
 
 void fiber_main() {
@@ -157,18 +164,7 @@ void fiber_main() {
 void resume(Block& b, int t) {
   Fiber& f = (*b.fibers)[t];
   tl_thread = t;
-#if CUDASIM_ASAN
-  void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
-#endif
-#if CUDASIM_ASM_SWITCH
-  cudasim_switch(&b.sched_sp, f.sp);
-#else
-  swapcontext(&b.sched, &f.ctx);
-#endif
-#if CUDASIM_ASAN
-  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#endif
+  switch_context(b.sched, f.ctx, f.stack, kStackBytes, false);
   tl_thread = -1;
 }
 
@@ -214,13 +210,13 @@ void run_block(Block& b, Order order) {
     for (int r = 1; r < 7; ++r) sp[r] = 0;
     const uint32_t csr[2] = {0x1F80u, 0x037Fu};
     std::memcpy(sp, csr, 8);
-    f.sp = sp;
+    f.ctx.sp = sp;
 #else
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = nullptr;
-    makecontext(&f.ctx, fiber_main, 0);
+    getcontext(&f.ctx.uc);
+    f.ctx.uc.uc_stack.ss_sp = f.stack;
+    f.ctx.uc.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc.uc_link = nullptr;
+    makecontext(&f.ctx.uc, fiber_main, 0);
 #endif
   }
   for (;;) {
