@@ -32,9 +32,9 @@ from transformers import DynamicCache  # noqa: E402
 from snapkv_ext import SnapKVCache  # noqa: E402
 from snapkv_ext.cache import cache_kwargs  # noqa: E402
 from common import timed  # noqa: E402
-from snapkv_ext.evaluate import cache_bytes  # noqa: E402
-from snapkv_ext.haystack import haystack  # noqa: E402
-from snapkv_ext.models import RANDOM_SHAPES, load_by_name  # noqa: E402
+from snapkv_ext.tools.evaluate import cache_bytes  # noqa: E402
+from snapkv_ext.tools.haystack import haystack  # noqa: E402
+from snapkv_ext.tools.models import RANDOM_SHAPES, load_by_name  # noqa: E402
 
 
 def prompt_ids(tok, n, batch, vocab, device):

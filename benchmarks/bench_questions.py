@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from snapkv_ext import SnapKVCache, SnapKVDocument  # noqa: E402
 from snapkv_ext.cache import cache_kwargs  # noqa: E402
-from snapkv_ext.haystack import FACTS, facts_document  # noqa: E402
-from snapkv_ext.models import RANDOM_SHAPES, load_by_name  # noqa: E402
+from snapkv_ext.tools.haystack import FACTS, facts_document  # noqa: E402
+from snapkv_ext.tools.models import RANDOM_SHAPES, load_by_name  # noqa: E402
 from common import sync, timed  # noqa: E402
 
 

@@ -2,11 +2,16 @@
 
 Importing the package loads the native library, which registers the ops as
 ``torch.ops.snapkv.*``; the typed wrappers in :mod:`snapkv_ext.ops` are re-exported here.
+
+The library: ops, reference (float64 oracle of every op), config (SnapKVConfig), adapters (model
+families), layers (per-layer storage), cache (SnapKVCache), document (SnapKVDocument). The
+command line, evaluations and model loaders are in :mod:`snapkv_ext.tools`.
 """
 import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers torch.ops.snapkv.*)
 from . import ops, reference
+from .config import SnapKVConfig
 from .ops import (
     compact,
     compact_into,
@@ -38,10 +43,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # The cache needs transformers; the ops do not. Import it on first use.
-    if name in ("SnapKVCache", "SnapKVConfig"):
-        from . import cache
+    if name == "SnapKVCache":
+        from .cache import SnapKVCache
 
-        return getattr(cache, name)
+        return SnapKVCache
     if name == "SnapKVDocument":
         from .document import SnapKVDocument
 

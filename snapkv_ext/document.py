@@ -15,32 +15,112 @@ would keep on the concatenated prompt from scratch), and only the budget stays r
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .cache import SnapKVCache, SnapKVConfig, _attention_modules, cache_kwargs, window_queries
+from .adapters import AttentionLayer, attention_layers
+from .cache import SnapKVCache, cache_kwargs
+from .config import SnapKVConfig
+from .layers import SlidingWindowLayer, SnapKVLayer
 
 try:
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 except ImportError as e:  # pragma: no cover
     raise ImportError("snapkv_ext.document needs transformers>=5.17") from e
 
 
 class _StoreLayer(DynamicLayer):
-    """Copies each update to the document store and keeps nothing on the device."""
+    """Copies each update to the document store (a sliding layer: only the window the next token
+    sees) and keeps nothing on the device."""
 
-    def __init__(self, store: list, pin: bool):
+    def __init__(self, store: list, pin: bool, sliding_window: Optional[int]):
         super().__init__()
-        self._store, self._pin = store, pin
+        self._store, self._pin, self._window = store, pin, sliding_window
 
     def update(self, key_states, value_states, *args, **kwargs):
-        k, v = key_states.detach().to("cpu"), value_states.detach().to("cpu")
+        k, v = key_states.detach(), value_states.detach()
+        if self._window is not None:
+            k, v = k[:, :, -(self._window - 1):], v[:, :, -(self._window - 1):]
+        k, v = k.to("cpu", copy=True), v.to("cpu", copy=True)
         if self._pin:
             k, v = k.pin_memory(), v.pin_memory()
         self._store.append((k, v))
         return key_states, value_states
+
+
+class DocumentLayer(SnapKVLayer):
+    """A global layer backed by a document's full KV ``[1, H_kv, L, D]`` kept outside the working
+    cache (any device) and the post-RoPE queries of its last tokens ``[1, H_q, w, D]``: the first
+    prefill attends to the document plus its own tokens, then keeps SnapKV's selection over both
+    (with its own window) and drops the backing."""
+
+    def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory, model_name: str,
+                 keys: Tensor, values: Tensor, q_tail: Tensor):
+        super().__init__(config, attention, memory, model_name)
+        self.backing: Optional[Tuple[Tensor, Tensor, Tensor]] = (keys, values, q_tail)
+        self.logical = keys.shape[2]
+
+    def visible_length(self) -> int:
+        return self.physical + (self.backing[0].shape[2] if self.backing is not None else 0)
+
+    def selection_capacity(self, n: int) -> int:
+        if self.backing is None:
+            return super().selection_capacity(n)
+        total = self.logical + n
+        cap = self.config.max_capacity_for(total)
+        return cap if total > cap else 0
+
+    def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
+        n, w = hidden_states.shape[1], self.config.window_size
+        if self.backing is None or n >= w:
+            return super().observation_queries(hidden_states, position_embeddings)
+        # A question shorter than the window: the window reaches into the document, whose last
+        # queries were kept when it was read.
+        q_tail = self.backing[2].to(hidden_states.device)
+        return torch.cat([q_tail[:, :, q_tail.shape[2] - (w - n):],
+                          self.attention.window_queries(hidden_states, position_embeddings, n)], dim=2)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
+        if self.backing is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, n, _ = key_states.shape
+        if B != 1:
+            raise ValueError("a document-backed SnapKVCache takes one question at a time "
+                             "(SnapKVDocument.generate batches several)")
+        pending = self._take_pending(n)
+        dk, dv, _ = self.backing
+        dev = key_states.device
+        k_all = torch.cat([dk.to(dev, non_blocking=True), key_states], dim=2)
+        v_all = torch.cat([dv.to(dev, non_blocking=True), value_states], dim=2)
+        total = k_all.shape[2]
+        self.backing = None
+        return self._select(k_all, v_all, torch.arange(total, device=dev).expand(B, H, total), pending, total)
+
+    def reset(self) -> None:
+        super().reset()
+        self.backing = None
+
+
+class DocumentCache(SnapKVCache):
+    """A SnapKVCache whose layers start from a :class:`SnapKVDocument`: global layers backed by
+    the document's full KV, sliding layers holding the document's last window."""
+
+    def __init__(self, document: "SnapKVDocument", config: SnapKVConfig):
+        self._document = document
+        super().__init__(document.model, config=config)
+
+    def _new_layer(self, attention: AttentionLayer) -> CacheLayerMixin:
+        d, i = self._document, attention.layer_idx
+        if attention.sliding_window is not None:
+            layer = SlidingWindowLayer(i, attention.sliding_window, self.memory)
+            layer.preload(d.keys[i].to(d.device), d.values[i].to(d.device), d.length)
+            return layer
+        return DocumentLayer(self.config, attention, self.memory, self._model_name, d.keys[i], d.values[i],
+                             d.q_tails[i])
 
 
 class SnapKVDocument:
@@ -61,8 +141,6 @@ class SnapKVDocument:
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = 7,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
                  decode_reserve: int = 128):
-        if max_capacity_prompt is None and compression_ratio is None:
-            max_capacity_prompt = 1024
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
                                    group_reduce=group_reduce, decode_reserve=decode_reserve)
@@ -74,15 +152,17 @@ class SnapKVDocument:
                              f"({window_size})")
         self.model = model
         self.max_question_tokens = max_question_tokens
-        self._modules = _attention_modules(model)
-        device = next(model.parameters()).device
-        self.input_ids = ids.to(device)
-        self._pin = device.type == "cuda"
+        self._attention = attention_layers(model)
+        self.device = next(model.parameters()).device
+        self.input_ids = ids.to(self.device)
+        self._pin = self.device.type == "cuda"
         store: list = []
-        tails = self._read(self.input_ids, Cache(layers=[_StoreLayer(store, self._pin) for _ in self._modules]))
+        tails = self._read(self.input_ids, Cache(layers=[_StoreLayer(store, self._pin, a.sliding_window)
+                                                         for a in self._attention]))
+        # Per layer: the document's full KV (a sliding layer: its last window) in CPU memory.
         self.keys: List[Tensor] = [k for k, _ in store]
         self.values: List[Tensor] = [v for _, v in store]
-        self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._modules))]
+        self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._attention))]
 
     def _read(self, ids: Tensor, cache, **forward_kwargs) -> dict:
         """Run `ids` through the model with `cache`; return each layer's post-RoPE queries of the
@@ -90,12 +170,14 @@ class SnapKVDocument:
         w = self.config.window_size
         tails = {}
 
+        by_module = {id(a.module): a for a in self._attention}
+
         def grab(module, args, kwargs):
             hs = kwargs.get("hidden_states", args[0] if args else None)
-            tails[module.layer_idx] = window_queries(module, hs, kwargs["position_embeddings"],
-                                                     min(w, hs.shape[1])).detach()
+            tails[module.layer_idx] = by_module[id(module)].window_queries(
+                hs, kwargs["position_embeddings"], min(w, hs.shape[1])).detach()
 
-        handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self._modules]
+        handles = [a.module.register_forward_pre_hook(grab, with_kwargs=True) for a in self._attention]
         try:
             with torch.no_grad():
                 self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **forward_kwargs)
@@ -149,10 +231,7 @@ class SnapKVDocument:
         return self._backed_cache(self.config)
 
     def _backed_cache(self, config: SnapKVConfig) -> SnapKVCache:
-        cache = SnapKVCache(self.model, config=config)
-        for layer, k, v, q in zip(cache.layers, self.keys, self.values, self.q_tails):
-            layer.attach_document(k, v, q)
-        return cache
+        return DocumentCache(self, config)
 
     def _question(self, q) -> Tensor:
         q = self._as_ids(q, "question_ids")
@@ -189,6 +268,11 @@ class SnapKVDocument:
         return self._generate_batch(questions, max_new_tokens)
 
     def _generate_batch(self, questions: List[Tensor], max_new_tokens: int) -> List[List[int]]:
+        if any(a.sliding_window is not None for a in self._attention):
+            # Sliding and global layers hold different lengths, which one left-padded 2D mask
+            # cannot describe: each question is decoded on its own (same answers, no batching).
+            return [self.generate(q, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
+                    for q in questions]
         prefills = [self.prefill(q) for q in questions]
         B = len(prefills)
         caches = [c for c, _ in prefills]
@@ -197,7 +281,7 @@ class SnapKVDocument:
         # One batched cache for decoding: each row's kept entries, left-padded to the longest.
         P = max(c.layers[0].physical for c in caches)
         batched = DynamicCache()
-        for i in range(len(self._modules)):
+        for i in range(len(self._attention)):
             ks, vs = [], []
             for c in caches:
                 k, v = c.layers[i].keys, c.layers[i].values

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from snapkv_ext.cli import main
+from snapkv_ext.tools.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

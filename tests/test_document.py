@@ -5,8 +5,8 @@ import torch
 
 from snapkv_ext import SnapKVCache, SnapKVDocument
 from snapkv_ext.cache import cache_kwargs
-from snapkv_ext.haystack import facts_document
-from snapkv_ext.models import smollm2, tiny_model
+from snapkv_ext.tools.haystack import facts_document
+from snapkv_ext.tools.models import smollm2, tiny_model
 
 KW = dict(max_capacity_prompt=64, window_size=8, kernel_size=5)
 

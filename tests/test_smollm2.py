@@ -6,8 +6,8 @@ from transformers import DynamicCache
 
 from snapkv_ext import SnapKVCache
 from snapkv_ext.cache import cache_kwargs
-from snapkv_ext.haystack import chat_ids, needle_case, retrieved
-from snapkv_ext.models import smollm2
+from snapkv_ext.tools.haystack import chat_ids, needle_case, retrieved
+from snapkv_ext.tools.models import smollm2
 
 
 @pytest.fixture(scope="module")

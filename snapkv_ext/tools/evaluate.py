@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .cache import SnapKVCache, cache_kwargs
+from ..cache import SnapKVCache, cache_kwargs
 from .haystack import chat_ids, needle_case, retrieved
 
 

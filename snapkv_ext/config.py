@@ -1,0 +1,73 @@
+"""SnapKV settings: one frozen, self-validating record shared by the cache and the document API."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+# The budget when neither max_capacity_prompt nor compression_ratio is given (the paper's 1024).
+DEFAULT_MAX_CAPACITY_PROMPT = 1024
+POOLINGS = ("max", "avg")
+GROUP_REDUCES = ("mean", "max", "sum")
+
+
+@dataclass(frozen=True)
+class SnapKVConfig:
+    """SnapKV settings, validated on construction.
+
+    The budget is one of ``max_capacity_prompt`` (kept prompt entries per KV head, window
+    included) or ``compression_ratio`` (fraction of each prompt kept, in (0, 1]); with neither,
+    ``max_capacity_prompt = 1024``. In models with sliding-window layers the budget applies to the
+    global (full-attention) layers; the sliding layers keep exactly their window.
+
+    ``recompress``: when a later prefill (a new chat turn, a question) is longer than the window,
+    re-select over everything cached plus the new tokens with the new tokens' own window, so the
+    cache stays at the budget over turns. ``use_reference``: compress with the plain-torch
+    reference (float64) instead of the native op, for debugging. ``decode_reserve``: free entries
+    allocated after a compression, for the tokens decoded next.
+    """
+
+    max_capacity_prompt: Optional[int] = None
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    group_reduce: str = "mean"
+    compression_ratio: Optional[float] = None
+    recompress: bool = True
+    use_reference: bool = False
+    decode_reserve: int = 128
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"SnapKVConfig: {msg}")
+
+        if not isinstance(self.window_size, int) or self.window_size < 1:
+            bad(f"window_size must be a positive integer, got {self.window_size!r}")
+        if self.compression_ratio is not None:
+            if self.max_capacity_prompt is not None:
+                bad("give either max_capacity_prompt or compression_ratio, not both "
+                    f"(got {self.max_capacity_prompt!r} and {self.compression_ratio!r})")
+            if (not isinstance(self.compression_ratio, (int, float)) or isinstance(self.compression_ratio, bool)
+                    or not 0 < self.compression_ratio <= 1):
+                bad(f"compression_ratio must be in (0, 1], got {self.compression_ratio!r}")
+        else:
+            if self.max_capacity_prompt is None:
+                object.__setattr__(self, "max_capacity_prompt", DEFAULT_MAX_CAPACITY_PROMPT)
+            if (not isinstance(self.max_capacity_prompt, int) or isinstance(self.max_capacity_prompt, bool)
+                    or self.max_capacity_prompt <= self.window_size):
+                bad(f"max_capacity_prompt must be an integer larger than window_size ({self.window_size}), "
+                    f"got {self.max_capacity_prompt!r}")
+        if not isinstance(self.kernel_size, int) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            bad(f"kernel_size must be a positive odd integer, got {self.kernel_size!r}")
+        if self.pooling not in POOLINGS:
+            bad(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.group_reduce not in GROUP_REDUCES:
+            bad(f"group_reduce must be one of {GROUP_REDUCES}, got {self.group_reduce!r}")
+        if not isinstance(self.decode_reserve, int) or self.decode_reserve < 0:
+            bad(f"decode_reserve must be a non-negative integer, got {self.decode_reserve!r}")
+
+    def max_capacity_for(self, prompt_length: int) -> int:
+        """Kept entries per KV head for a prompt of ``prompt_length`` tokens (window included)."""
+        if self.compression_ratio is None:
+            return self.max_capacity_prompt
+        return max(self.window_size + 1, math.ceil(self.compression_ratio * prompt_length))
