@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py                                  # SmolLM2 on CPU, 2K/4K/8K, budget 1024
     python benchmarks/bench_generate.py --model llama2-7b --device cuda --dtype bfloat16 \
-        --lengths 16384 --batch 2 --budget 2048                          # random weights, the paper's shape
+        --lengths 16384 --batch 2 --max-capacity-prompt 2048             # random weights, the paper's shape
     python benchmarks/bench_generate.py --model llama2-7b --device cuda --max-length-search
 
 Per prompt length, interleaving the methods so that machine noise hits both alike:
@@ -65,15 +65,15 @@ def decode_ms(model, cache, steps, device, first_token):
 
 
 def snap_cache(model, args):
-    return SnapKVCache(model, max_capacity_prompt=args.budget, window_size=args.window, kernel_size=args.kernel,
-                       pooling=args.pooling, decode_reserve=args.decode_steps + 8)
+    return SnapKVCache(model, max_capacity_prompt=args.max_capacity_prompt, window_size=args.window_size,
+                       kernel_size=args.kernel_size, pooling=args.pooling, decode_reserve=args.decode_steps + 8)
 
 
 def bench_length(model, tok, L, args):
     dev = args.device
     ids = prompt_ids(tok, L, args.batch, model.config.vocab_size, dev)
     cfg = model.config
-    res = dict(L=L, batch=args.batch, budget=args.budget)
+    res = dict(L=L, batch=args.batch, max_capacity_prompt=args.max_capacity_prompt)
     t_full, t_snap = [], []
     for _ in range(args.reps):  # interleaved: A B A B ...
         gc.collect()
@@ -96,8 +96,8 @@ def bench_length(model, tok, L, args):
     prefill(model, ids[:, -phys:], same)
     res["kv_bytes_full"] = cache_bytes(full)
     res["kv_bytes_snap"] = cache_bytes(snap)
-    res["kv_bytes_budget_arithmetic"] = (cfg.num_hidden_layers * 2 * args.batch * cfg.num_key_value_heads * args.budget
-                                         * (cfg.hidden_size // cfg.num_attention_heads)
+    res["kv_bytes_budget_arithmetic"] = (cfg.num_hidden_layers * 2 * args.batch * cfg.num_key_value_heads
+                                         * args.max_capacity_prompt * (cfg.hidden_size // cfg.num_attention_heads)
                                          * torch.finfo(getattr(torch, args.dtype)).bits // 8)
     res["physical_length"] = phys
     d_snap, d_same, d_full = [], [], []
@@ -157,9 +157,9 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--max-capacity-prompt", type=int, default=1024)
+    p.add_argument("--window-size", type=int, default=32)
+    p.add_argument("--kernel-size", type=int, default=7)
     p.add_argument("--pooling", default="max")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=24)

@@ -157,7 +157,7 @@ def peak_extra_mb(fn, device):
 def make_inputs(name, dtype, L, args, device):
     H_q, H_kv, D = CONFIGS[name]
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(args.batch, H_q, args.window, D, generator=g).to(dtype=dtype, device=device)
+    q = torch.randn(args.batch, H_q, args.window_size, D, generator=g).to(dtype=dtype, device=device)
     k = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
     v = torch.randn(args.batch, H_kv, L, D, generator=g).to(dtype=dtype, device=device)
     return q, k, v
@@ -165,7 +165,7 @@ def make_inputs(name, dtype, L, args, device):
 
 def make_cases(q, k, v, args):
     """[(op, ours, torch)] callables on prepared inputs."""
-    C, ks, w, D = args.budget, args.kernel, args.window, q.shape[3]
+    C, ks, w, D = args.max_capacity_prompt, args.kernel_size, args.window_size, q.shape[3]
     s_ours = ops.window_scores(q, k)
     pooled = ops.pool_scores(s_ours, ks, "max")
     idx = ops.select_topk(pooled, C - w)
@@ -206,8 +206,9 @@ def cpu_memory(name, dtype_name, L, args):
     """Measures CPU memory in a fresh child whose malloc mmaps (and unmaps) every block >= 64 KiB:
     otherwise glibc keeps freed blocks in its heap and the peak-RSS counter misses reuse."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--configs", name, "--dtypes", dtype_name,
-           "--lengths", str(L), "--batch", str(args.batch), "--window", str(args.window), "--budget",
-           str(args.budget), "--kernel", str(args.kernel)] + (["--ops", *args.ops] if args.ops else [])
+           "--lengths", str(L), "--batch", str(args.batch), "--window-size", str(args.window_size),
+           "--max-capacity-prompt", str(args.max_capacity_prompt), "--kernel-size", str(args.kernel_size)]
+    cmd += ["--ops", *args.ops] if args.ops else []
     # 4 KB pages: RSS counts a handful of 2 MB page faults late (per-CPU counters), so the
     # huge-page advice for large outputs is off in the child (same bytes, precise counter).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", SNAPKV_CPU_NO_HUGE_PAGES="1")
@@ -288,9 +289,9 @@ def main():
     p.add_argument("--ops", nargs="*", default=None,
                    help="subset of window_scores pool_scores select_topk compact fused fused_into")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--window-size", type=int, default=32)
+    p.add_argument("--max-capacity-prompt", type=int, default=2048)
+    p.add_argument("--kernel-size", type=int, default=7)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)

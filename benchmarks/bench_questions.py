@@ -50,14 +50,14 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--accuracy-length", type=int, default=4096)
-    p.add_argument("--ratio", type=float, default=0.25, help="budget for the timing runs")
-    p.add_argument("--window", type=int, default=16)
-    p.add_argument("--kernel", type=int, default=5)
+    p.add_argument("--compression-ratio", type=float, default=0.25, help="budget for the timing runs")
+    p.add_argument("--window-size", type=int, default=16)
+    p.add_argument("--kernel-size", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     model, tok = load_by_name(args.model, args.device, args.dtype)
     dev = args.device
-    kw = dict(compression_ratio=args.ratio, window_size=args.window, kernel_size=args.kernel)
+    kw = dict(compression_ratio=args.compression_ratio, window_size=args.window_size, kernel_size=args.kernel_size)
     rows = []
     for L in args.lengths:
         if tok is not None:
@@ -94,7 +94,7 @@ def main():
         doc, questions = facts_document(tok, args.accuracy_length)
         doc = doc.to(dev)
         for ratio in (0.25, 0.5):
-            kwr = dict(compression_ratio=ratio, window_size=args.window, kernel_size=args.kernel)
+            kwr = dict(compression_ratio=ratio, window_size=args.window_size, kernel_size=args.kernel_size)
             d = SnapKVDocument(model, doc, **kwr)
             agnostic = SnapKVCache(model, recompress=False, **kwr)
             with torch.no_grad():

@@ -1,7 +1,7 @@
 """Bytes, FLOPs and the expected time of each CUDA op on A100 and H100, from the kernels' design
 (csrc/cuda/*_kernels.cuh): the roofline table of benchmarks/RESULTS.md, section 6.
 
-    python benchmarks/roofline.py [--lengths 32768 131072] [--budget 2048]
+    python benchmarks/roofline.py [--lengths 32768 131072] [--max-capacity-prompt 2048]
 
 Per op, what the kernels move through global memory and compute (bf16 inputs):
 - window_scores: two passes (softmax statistics, then votes), each reading the keys once when the
@@ -34,7 +34,7 @@ W = 32
 ROW_BLOCK = 128
 
 
-def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
+def op_costs(H_q, H_kv, D, L, max_capacity_prompt, B=1, es=2):
     """-> {op: (bytes, flops, launches)}"""
     N = L - W
     G = H_q // H_kv
@@ -56,7 +56,7 @@ def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
     macs = B * H_q * W * L * D
     ws_smem = 2 * (macs * loads * 512 / (2 * nr * 4096) + 8 * B * H_q * W * L + blocks * key_bytes)
     scores = B * H_kv * N * 4
-    k = budget - W
+    k = max_capacity_prompt - W
     rows_bytes = B * H_kv * (k + W) * D * es
     return {
         "window_scores": (ws_bytes, ws_flops, 3, ws_smem),
@@ -69,13 +69,13 @@ def op_costs(H_q, H_kv, D, L, budget, B=1, es=2):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--max-capacity-prompt", type=int, default=2048)
     a = ap.parse_args()
     print("| shape | L | op | MB moved | GFLOP | MB through smem | A100 µs | H100 µs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (H_q, H_kv, D) in SHAPES.items():
         for L in a.lengths:
-            costs, key_bytes = op_costs(H_q, H_kv, D, L, a.budget)
+            costs, key_bytes = op_costs(H_q, H_kv, D, L, a.max_capacity_prompt)
             total = {g: 0.0 for g in GPUS}
             for op, (nbytes, flops, launches, smem) in costs.items():
                 t = {}

@@ -165,7 +165,7 @@ class SnapKVCache(Cache):
         return self.memory.peak
 
     def stats(self) -> dict:
-        """Logical and physical lengths per layer, bytes held, and the compression ratio (against
+        """Logical and physical lengths per layer, bytes held, and the KV reduction full / held (against
         what Transformers' DynamicCache for this model would hold: sliding layers at their window)."""
         layers = [lay for lay in self.layers if lay.held_entries() > 0]
         kv_bytes = sum(lay.nbytes() for lay in layers)
@@ -177,7 +177,7 @@ class SnapKVCache(Cache):
             "kv_bytes": kv_bytes,
             "allocated_bytes": sum(lay.allocated_bytes() for lay in layers),
             "full_kv_bytes": full_bytes,
-            "compression_ratio": full_bytes / kv_bytes if kv_bytes else 1.0,
+            "kv_reduction": full_bytes / kv_bytes if kv_bytes else 1.0,
             "compressions": [getattr(lay, "compressions", 0) for lay in self.layers],
             "peak_prefill_bytes": self.memory.peak,
         }

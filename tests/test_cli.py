@@ -19,8 +19,8 @@ def run_cli(argv, capsys):
 
 
 def test_demo(tmp_path, capsys):
-    code, out, err = run_cli(["demo", "--length", "600", "--budget", "128", "--window", "16", "--kernel", "5",
-                              "--max-new-tokens", "14", "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(["demo", "--length", "600", "--max-capacity-prompt", "128", "--window-size", "16",
+                              "--kernel-size", "5", "--max-new-tokens", "14", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert "full" in out and "snapkv-128" in out
     res = json.loads((tmp_path / "demo.json").read_text())
@@ -36,15 +36,16 @@ def test_demo(tmp_path, capsys):
 def test_generate_file(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The lighthouse on Gull Island was painted green in 1931. " * 30 + "The keeper was named Ada Pike.")
-    code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?", "--budget", "96",
-                              "--window", "16", "--max-new-tokens", "12", "--compare", "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?",
+                              "--max-capacity-prompt", "96", "--window-size", "16", "--max-new-tokens", "12",
+                              "--compare", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert "[snapkv-96]" in out and "[full]" in out
 
 
 def test_bench(tmp_path, capsys):
-    code, out, err = run_cli(["bench", "--lengths", "128", "256", "--budgets", "64", "--window", "16", "--steps", "4",
-                              "--reps", "1", "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(["bench", "--lengths", "128", "256", "--max-capacity-prompts", "64", "--window-size", "16",
+                              "--steps", "4", "--reps", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["methods"] == ["full", "snapkv-64"]
@@ -61,8 +62,8 @@ def test_bench(tmp_path, capsys):
 
 
 def test_eval_needle(tmp_path, capsys):
-    code, out, err = run_cli(["eval", "needle", "--lengths", "300", "600", "--depths", "0.2", "0.8", "--ratios", "0.5",
-                              "--out", str(tmp_path)], capsys)
+    code, out, err = run_cli(["eval", "needle", "--lengths", "300", "600", "--depths", "0.2", "0.8",
+                              "--compression-ratios", "0.5", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "needle.json").read_text())
     assert res["cases"] == 4 and set(res["retrieved"]) == {"full", "snapkv-50%"}
@@ -78,15 +79,32 @@ def test_eval_needle(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--file", "/nonexistent/doc.txt"], "--file: no such file"),
     (["generate", "--file", __file__, "--model", "/nonexistent/model"], "--model: no such directory"),
-    (["demo", "--budget", "100000"], "larger than the model's context"),
-    (["demo", "--budget", "16", "--window", "32"], "must be larger than --window"),
-    (["demo", "--kernel", "4"], "--kernel must be a positive odd"),
+    (["demo", "--max-capacity-prompt", "100000"], "larger than the model's context"),
+    (["demo", "--max-capacity-prompt", "16", "--window-size", "32"],
+     "--max-capacity-prompt (16) must be larger than --window-size (32)"),
+    (["demo", "--compression-ratio", "1.5"], "--compression-ratio must be in (0, 1]"),
+    (["demo", "--kernel-size", "4"], "--kernel-size must be a positive odd"),
+    (["bench", "--max-capacity-prompts", "16", "--window-size", "32"],
+     "--max-capacity-prompts: 16 must be larger than --window-size (32)"),
+    (["eval", "needle", "--compression-ratios", "0"], "--compression-ratios: 0.0 is not in (0, 1]"),
     (["eval", "needle", "--lengths", "9000"], "longer than the model's context"),
 ])
 def test_user_errors(tmp_path, capsys, argv, message):
     code, out, err = run_cli(argv + ["--out", str(tmp_path)], capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["demo", "--budget", "128"], ["demo", "--ratio", "0.5"], ["demo", "--window", "16"], ["demo", "--kernel", "5"],
+    ["bench", "--budgets", "64"], ["eval", "needle", "--ratios", "0.5"],
+    ["eval", "needle", "--max-capacity-prompt", "64"],  # no abbreviations: the sweep flag is --max-capacity-prompts
+])
+def test_one_name_per_setting(argv, capsys):
+    """The settings have SnapKVConfig's names only: former names and abbreviations are rejected."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):

@@ -150,6 +150,14 @@ def test_mixed_models_stay_bounded_over_turns(arch):
     assert st["compressions"] == [0 if w else 2 for w in windows]
 
 
+def test_ratio_counts_the_global_layers_prompt():
+    model = tiny_model("gemma3", layers=4)
+    cache = SnapKVCache(model, compression_ratio=0.25, window_size=W)
+    with torch.no_grad():
+        model(prompt(L), **cache_kwargs(model, cache))
+    assert cache.stats()["physical_length"] == [23, L // 4, 23, L // 4]
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "qwen2-sliding"])
 def test_document_on_mixed_models_equals_snapkv_from_scratch(arch):
     model = tiny_model(arch, layers=4)

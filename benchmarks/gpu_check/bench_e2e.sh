@@ -29,11 +29,11 @@ for p in "${parts[@]}"; do
     generate)
       step "end-to-end: Llama-2-7B shape, bf16, 16K prompt, batch 2, budget 2048"
       run_step bench_generate_cuda "$PY" benchmarks/bench_generate.py --model llama2-7b --device cuda --dtype bfloat16 \
-        --lengths 16384 --batch 2 --budget 2048 --reps 3 --decode-steps 32 --json "$OUT/bench_generate_cuda.json" ;;
+        --lengths 16384 --batch 2 --max-capacity-prompt 2048 --reps 3 --decode-steps 32 --json "$OUT/bench_generate_cuda.json" ;;
     max-length)
       step "end-to-end: longest prompt that fits, Llama-2-7B shape, bf16, batch 1, budget 1024"
       run_step max_length_cuda "$PY" benchmarks/bench_generate.py --model llama2-7b --device cuda --dtype bfloat16 \
-        --batch 1 --budget 1024 --max-length-search --json "$OUT/max_length_cuda.json" ;;
+        --batch 1 --max-capacity-prompt 1024 --max-length-search --json "$OUT/max_length_cuda.json" ;;
     questions)
       step "many questions: 16K document, Llama-2-7B shape, bf16"
       run_step bench_questions_cuda "$PY" benchmarks/bench_questions.py --model llama2-7b --device cuda --dtype bfloat16 \

@@ -30,7 +30,7 @@ def main():
     device = torch.device(a.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # The settings bench_ops.make_inputs/make_cases read, at their defaults.
-    args = argparse.Namespace(batch=1, window=32, budget=2048, kernel=7, ops=None)
+    args = argparse.Namespace(batch=1, window_size=32, max_capacity_prompt=2048, kernel_size=7, ops=None)
     q, k, v = bench_ops.make_inputs(a.config, getattr(torch, a.dtype), a.length, args, device)
     cases = [(op, ours) for op, ours, _ in bench_ops.make_cases(q, k, v, args)]
     for _, fn in cases:  # warm-up: module load, allocator, first launches

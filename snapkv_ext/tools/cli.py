@@ -32,12 +32,14 @@ def _common(p: argparse.ArgumentParser, out_default: str = "snapkv-out") -> None
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
 
 
-def _snap_args(p: argparse.ArgumentParser, budget_default: Optional[int] = None) -> None:
+def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional[int] = None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--budget", type=int, default=budget_default, help="kept prompt tokens per KV head (window included)")
-    g.add_argument("--ratio", type=float, default=None, help="fraction of the prompt kept, in (0, 1]")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--kernel", type=int, default=7)
+    g.add_argument("--max-capacity-prompt", type=int, default=max_capacity_prompt_default,
+                   help="kept prompt tokens per KV head (window included; default %(default)s)")
+    g.add_argument("--compression-ratio", type=float, default=None, help="fraction of the prompt kept, in (0, 1]")
+    p.add_argument("--window-size", type=int, default=32,
+                   help="the prompt's last tokens, whose attention picks what is kept")
+    p.add_argument("--kernel-size", type=int, default=7, help="pooling kernel over the attention scores (odd)")
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
 
 
@@ -80,42 +82,47 @@ def _load(args):
         raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
 
 
-def _check_budget(model, args, prompt_len: Optional[int] = None) -> None:
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    if args.budget is not None:
-        if args.budget <= args.window:
-            raise UserError(f"--budget ({args.budget}) must be larger than --window ({args.window})")
-        if ctx and args.budget > ctx:
-            raise UserError(f"--budget ({args.budget}) is larger than the model's context ({ctx} tokens)")
-    if args.ratio is not None and not 0 < args.ratio <= 1:
-        raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
-    if args.kernel < 1 or args.kernel % 2 == 0:
-        raise UserError(f"--kernel must be a positive odd integer, got {args.kernel}")
-    if prompt_len and ctx and prompt_len > ctx:
-        raise UserError(f"the prompt has {prompt_len} tokens, more than the model's context ({ctx})")
-
-
-def _check_sweep(model, args) -> None:
-    """Budgets, ratios and prompt lengths of a sweep (bench, eval needle)."""
-    for b in args.budgets:
-        if b <= args.window:
-            raise UserError(f"--budgets: {b} must be larger than --window ({args.window})")
-    for r in getattr(args, "ratios", []):
+def _check_settings(args) -> None:
+    """The SnapKV settings on their own (before the model loads): one line naming the flag."""
+    if args.window_size < 1:
+        raise UserError(f"--window-size must be a positive integer, got {args.window_size}")
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        raise UserError(f"--kernel-size must be a positive odd integer, got {args.kernel_size}")
+    if getattr(args, "max_capacity_prompt", None) is not None and args.max_capacity_prompt <= args.window_size:
+        raise UserError(f"--max-capacity-prompt ({args.max_capacity_prompt}) must be larger than "
+                        f"--window-size ({args.window_size})")
+    if getattr(args, "compression_ratio", None) is not None and not 0 < args.compression_ratio <= 1:
+        raise UserError(f"--compression-ratio must be in (0, 1], got {args.compression_ratio}")
+    for c in getattr(args, "max_capacity_prompts", []):  # sweeps (bench, eval needle)
+        if c <= args.window_size:
+            raise UserError(f"--max-capacity-prompts: {c} must be larger than --window-size ({args.window_size})")
+    for r in getattr(args, "compression_ratios", []):
         if not 0 < r <= 1:
-            raise UserError(f"--ratios: {r} is not in (0, 1]")
+            raise UserError(f"--compression-ratios: {r} is not in (0, 1]")
+
+
+def _check_context(model, args, prompt_len: Optional[int] = None) -> None:
+    """What must fit the model's context: --max-capacity-prompt, the prompt, a sweep's --lengths."""
     ctx = getattr(model.config, "max_position_embeddings", None)
-    if ctx and max(args.lengths) > ctx:
+    if not ctx:
+        return
+    if getattr(args, "max_capacity_prompt", None) is not None and args.max_capacity_prompt > ctx:
+        raise UserError(f"--max-capacity-prompt ({args.max_capacity_prompt}) is larger than the model's context "
+                        f"({ctx} tokens)")
+    if prompt_len and prompt_len > ctx:
+        raise UserError(f"the prompt has {prompt_len} tokens, more than the model's context ({ctx})")
+    if getattr(args, "lengths", None) and max(args.lengths) > ctx:
         raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
 
 
 def _method(args):
     from .evaluate import Method
 
-    if args.ratio is not None:
-        return Method(f"snapkv-{int(round(args.ratio * 100))}%", ratio=args.ratio, window=args.window,
-                      kernel=args.kernel, pooling=args.pooling)
-    return Method(f"snapkv-{args.budget}", budget=args.budget, window=args.window, kernel=args.kernel,
-                  pooling=args.pooling)
+    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling)
+    if args.compression_ratio is not None:
+        return Method(f"snapkv-{int(round(args.compression_ratio * 100))}%", compression_ratio=args.compression_ratio,
+                      **kw)
+    return Method(f"snapkv-{args.max_capacity_prompt}", max_capacity_prompt=args.max_capacity_prompt, **kw)
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -138,7 +145,7 @@ def _compare(model, tok, ids, methods, max_new_tokens, progress=True):
     for m, r in results:
         answer = " ".join(r.text.split())
         rows.append([m.name, (answer[:60] + "...") if len(answer) > 63 else answer, f"{r.kv_bytes / 2**20:.1f}",
-                     f"{r.compression_ratio:.1f}x", f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}"])
+                     f"{r.kv_reduction:.1f}x", f"{r.prefill_s:.2f}", f"{r.decode_tokens_per_s:.1f}"])
     return results, _table(rows)
 
 
@@ -148,9 +155,10 @@ def _compare(model, tok, ids, methods, max_new_tokens, progress=True):
 def cmd_demo(args) -> int:
     from .haystack import chat_ids, needle_case, retrieved
 
+    _check_settings(args)
     _setup(args)
     model, tok = _load(args)
-    _check_budget(model, args)
+    _check_context(model, args)
     case = needle_case(tok, args.length, args.depth, seed=args.seed)
     ids = chat_ids(tok, case.prompt)
     print(f"Document: {ids.shape[1]} tokens of the project's own haystack with a pass key hidden at "
@@ -183,12 +191,13 @@ def cmd_generate(args) -> int:
         raise UserError(f"--file: {args.file} is not UTF-8 text")
     if not doc.strip():
         raise UserError(f"--file: {args.file} is empty")
+    _check_settings(args)
     _setup(args)
     model, tok = _load(args)
     question = args.question or "Summarize the text above in a few sentences."
     text = doc.strip() + "\n\n" + question
     ids = chat_ids(tok, text) if getattr(tok, "chat_template", None) else tok(text, return_tensors="pt")["input_ids"]
-    _check_budget(model, args, ids.shape[1])
+    _check_context(model, args, ids.shape[1])
     from .evaluate import Method
 
     methods = [_method(args)] + ([Method.full()] if args.compare else [])
@@ -202,10 +211,11 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from .evaluate import decode_bench, parse_methods, plot_bench
 
+    _check_settings(args)
     _setup(args)
     model, tok = _load(args)
-    _check_sweep(model, args)
-    methods = parse_methods(args.budgets, [], args.window, args.kernel, args.pooling)
+    _check_context(model, args)
+    methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling)
     res = decode_bench(model, tok, args.lengths, methods, steps=args.steps, reps=args.reps, progress=True)
     res["device"], res["dtype"] = args.device, args.dtype
     path = os.path.join(args.out, "bench.json")
@@ -224,10 +234,12 @@ def cmd_bench(args) -> int:
 def cmd_eval_needle(args) -> int:
     from .evaluate import needle_eval, parse_methods, plot_needle
 
+    _check_settings(args)
     _setup(args)
     model, tok = _load(args)
-    _check_sweep(model, args)
-    methods = parse_methods(args.budgets, args.ratios, args.window, args.kernel, args.pooling)
+    _check_context(model, args)
+    methods = parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
+                            args.pooling)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
     path = os.path.join(args.out, "needle.json")
     with open(path, "w") as f:
@@ -240,48 +252,53 @@ def cmd_eval_needle(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: each setting has one name (SnapKVConfig's), not also its prefixes.
     p = argparse.ArgumentParser(prog="snapkv-ext", description="SnapKV KV-cache compression: demo, generation, "
-                                "benchmarks and evaluations on a real model.")
+                                "benchmarks and evaluations on a real model.", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="SnapKV vs the full cache on the embedded SmolLM2")
+    d = sub.add_parser("demo", help="SnapKV vs the full cache on the embedded SmolLM2", allow_abbrev=False)
     _common(d)
-    _snap_args(d, budget_default=512)
+    _snap_args(d, max_capacity_prompt_default=512)
     d.add_argument("--length", type=int, default=2000, help="document length in tokens (default 2000)")
     d.add_argument("--depth", type=float, default=0.5, help="where the fact is hidden, 0..1 (default 0.5)")
     d.add_argument("--max-new-tokens", type=int, default=24)
     d.set_defaults(func=cmd_demo)
 
-    g = sub.add_parser("generate", help="answer a question about a text file")
+    g = sub.add_parser("generate", help="answer a question about a text file", allow_abbrev=False)
     _common(g)
-    _snap_args(g, budget_default=1024)
+    _snap_args(g, max_capacity_prompt_default=1024)
     g.add_argument("--file", required=True, help="a UTF-8 text file")
     g.add_argument("--question", default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--compare", action="store_true", help="also answer with the full cache")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="decoding speed and KV memory against prompt length")
+    b = sub.add_parser("bench", help="decoding speed and KV memory against prompt length", allow_abbrev=False)
     _common(b)
     b.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
-    b.add_argument("--budgets", type=int, nargs="+", default=[256])
-    b.add_argument("--window", type=int, default=32)
-    b.add_argument("--kernel", type=int, default=7)
+    b.add_argument("--max-capacity-prompts", type=int, nargs="+", default=[256],
+                   help="one SnapKV run per --max-capacity-prompt value")
+    b.add_argument("--window-size", type=int, default=32)
+    b.add_argument("--kernel-size", type=int, default=7)
     b.add_argument("--pooling", default="max", choices=["max", "avg"])
     b.add_argument("--steps", type=int, default=16, help="decoded tokens per run")
     b.add_argument("--reps", type=int, default=3)
     b.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("eval", help="evaluations")
+    e = sub.add_parser("eval", help="evaluations", allow_abbrev=False)
     esub = e.add_subparsers(dest="evaluation", required=True)
-    n = esub.add_parser("needle", help="needle-in-a-haystack: prompt lengths x depths, per method")
+    n = esub.add_parser("needle", help="needle-in-a-haystack: prompt lengths x depths, per method",
+                         allow_abbrev=False)
     _common(n)
     n.add_argument("--lengths", type=int, nargs="+", default=[500, 1000, 2000])
     n.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    n.add_argument("--budgets", type=int, nargs="*", default=[])
-    n.add_argument("--ratios", type=float, nargs="*", default=[0.25])
-    n.add_argument("--window", type=int, default=16)
-    n.add_argument("--kernel", type=int, default=5)
+    n.add_argument("--max-capacity-prompts", type=int, nargs="*", default=[],
+                   help="one SnapKV method per --max-capacity-prompt value")
+    n.add_argument("--compression-ratios", type=float, nargs="*", default=[0.25],
+                   help="one SnapKV method per --compression-ratio value")
+    n.add_argument("--window-size", type=int, default=16)
+    n.add_argument("--kernel-size", type=int, default=5)
     n.add_argument("--pooling", default="max", choices=["max", "avg"])
     n.set_defaults(func=cmd_eval_needle)
     return p

@@ -21,13 +21,14 @@ def _sync(device) -> None:
 
 @dataclass
 class Method:
-    """A cache to compare: the full DynamicCache, or SnapKV at a budget (tokens) or ratio."""
+    """A cache to compare: the full DynamicCache, or SnapKV with the settings of
+    :class:`snapkv_ext.SnapKVConfig` (a ``max_capacity_prompt`` or a ``compression_ratio``)."""
 
     name: str
-    budget: Optional[int] = None
-    ratio: Optional[float] = None
-    window: int = 32
-    kernel: int = 7
+    max_capacity_prompt: Optional[int] = None
+    compression_ratio: Optional[float] = None
+    window_size: int = 32
+    kernel_size: int = 7
     pooling: str = "max"
 
     @staticmethod
@@ -36,24 +37,25 @@ class Method:
 
     @property
     def is_full(self) -> bool:
-        return self.budget is None and self.ratio is None
+        return self.max_capacity_prompt is None and self.compression_ratio is None
 
     def make_cache(self, model, prompt_len: int):
         from transformers import DynamicCache
 
         if self.is_full:
             return DynamicCache()
-        window = min(self.window, max(1, (self.budget or prompt_len) - 1))
-        return SnapKVCache(model, max_capacity_prompt=self.budget, compression_ratio=self.ratio,
-                           window_size=window, kernel_size=self.kernel, pooling=self.pooling)
+        window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
+        return SnapKVCache(model, max_capacity_prompt=self.max_capacity_prompt,
+                           compression_ratio=self.compression_ratio, window_size=window_size,
+                           kernel_size=self.kernel_size, pooling=self.pooling)
 
 
-def parse_methods(budgets: Sequence[int] = (), ratios: Sequence[float] = (), window=32, kernel=7,
-                  pooling="max") -> List[Method]:
+def parse_methods(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
+                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max") -> List[Method]:
+    kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling)
     methods = [Method.full()]
-    methods += [Method(f"snapkv-{b}", budget=b, window=window, kernel=kernel, pooling=pooling) for b in budgets]
-    methods += [Method(f"snapkv-{int(round(r * 100))}%", ratio=r, window=window, kernel=kernel, pooling=pooling)
-                for r in ratios]
+    methods += [Method(f"snapkv-{c}", max_capacity_prompt=c, **kw) for c in max_capacity_prompts]
+    methods += [Method(f"snapkv-{int(round(r * 100))}%", compression_ratio=r, **kw) for r in compression_ratios]
     return methods
 
 
@@ -69,7 +71,7 @@ class GenerationResult:
     extra: Dict = field(default_factory=dict)
 
     @property
-    def compression_ratio(self) -> float:
+    def kv_reduction(self) -> float:
         return self.full_kv_bytes / self.kv_bytes if self.kv_bytes else 1.0
 
 
@@ -160,7 +162,8 @@ def needle_eval(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                 max_new_tokens: int = 14, seed: int = 0, progress: bool = False) -> Dict:
     """Pass-key retrieval for every (length, depth) and method. Returns a JSON-able dict."""
     results = {m.name: [[None] * len(depths) for _ in lengths] for m in methods}
-    budgets = {m.name: dict(budget=m.budget, ratio=m.ratio) for m in methods}
+    settings = {m.name: dict(max_capacity_prompt=m.max_capacity_prompt, compression_ratio=m.compression_ratio)
+                for m in methods}
     cells = [(i, n, j, d) for i, n in enumerate(lengths) for j, d in enumerate(depths)]
     it = cells
     if progress:
@@ -177,7 +180,7 @@ def needle_eval(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
             results[m.name][i][j] = bool(retrieved(r.text, case.answer))
     summary = {name: sum(sum(bool(x) for x in row) for row in grid) for name, grid in results.items()}
     return dict(lengths=list(lengths), prompt_tokens=[prompt_tokens[n] for n in lengths], depths=list(depths),
-                methods=budgets, retrieved=results, summary=summary, cases=len(cells))
+                methods=settings, retrieved=results, summary=summary, cases=len(cells))
 
 
 def plot_needle(res: Dict, path_prefix: str) -> List[str]:
