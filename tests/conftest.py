@@ -45,3 +45,34 @@ def assert_scores_close(out, q, k, pad=None, group_reduce="mean"):
     err = (got - want).abs().max().item()
     floor = 1e-6 * want.abs().max().item() + 1e-9
     assert err <= 2 * ref_err + floor, f"error {err:.3g} vs fp32 reference error {ref_err:.3g}"
+
+
+# ---- models: prompts, greedy generation, left-padded batches ----
+
+
+def prompt(n, batch=1, seed=0, vocab=128):
+    """Random token ids [batch, n] (ids >= 3: clear of pad/bos/eos), reproducible by seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, n), generator=g)
+
+
+def greedy(model, ids, cache=None, n=8, **kw):
+    """n greedy tokens after ids, with `cache` (None: the model's own cache)."""
+    from snapkv_ext.cache import cache_kwargs
+
+    extra = {} if cache is None else cache_kwargs(model, cache)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0, **extra, **kw)
+    return out[:, ids.shape[1]:]
+
+
+def left_pad(rows):
+    """(ids, attention_mask) [len(rows), longest] of rows [1, n_i], each padded on the left with 0."""
+    n = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - r.shape[1]:] = r[0]
+        mask[i, n - r.shape[1]:] = 1
+    return ids, mask

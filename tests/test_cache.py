@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache, SnapKVConfig, reference
 from snapkv_ext.adapters import attention_layers
 from snapkv_ext.cache import cache_kwargs
@@ -17,18 +18,6 @@ from snapkv_ext.tools.models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 ATTN = ["sdpa", "eager"]
-
-
-def prompt(n, batch=1, seed=0, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, n), generator=g)
-
-
-def greedy(model, ids, cache, n=8, **kw):
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), **cache_kwargs(model, cache),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
-    return out[:, ids.shape[1]:]
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -138,11 +127,7 @@ def test_left_padded_batch_rows_equal_rows_alone(attn):
     lens = [150, 90, 30]  # the last row is shorter than the budget
     rows = [prompt(n, seed=i) for i, n in enumerate(lens)]
     L = max(lens)
-    ids = torch.zeros(3, L, dtype=torch.long)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, L - r.shape[1]:] = r[0]
-        mask[i, L - r.shape[1]:] = 1
+    ids, mask = left_pad(rows)
     kw = dict(max_capacity_prompt=40, window_size=8, kernel_size=5)
     batch_cache = SnapKVCache(model, **kw)
     out = greedy(model, ids, batch_cache, n=6, attention_mask=mask)

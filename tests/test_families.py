@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from conftest import greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache, SnapKVDocument
 from snapkv_ext.adapters import FAMILIES, attention_layers
 from snapkv_ext.cache import cache_kwargs
@@ -24,19 +25,6 @@ MIXED = [a for a in ARCHS if a.startswith("gemma") or a == "qwen2-sliding"]  # s
 # (heads, kv_heads, head_dim): GQA; MQA with an odd head count; Gemma's head_dim 256.
 SHAPES = [(4, 2, 16), (3, 1, 32), (2, 1, 256)]
 L, W, C, K = 160, 8, 40, 5  # prompt, observation window, max_capacity_prompt, pooling kernel
-
-
-def prompt(n, batch=1, seed=0, vocab=128):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, n), generator=g)
-
-
-def greedy(model, ids, cache=None, n=6, **kw):
-    extra = {} if cache is None else cache_kwargs(model, cache)
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, pad_token_id=0, **extra, **kw)
-    return out[:, ids.shape[1]:]
 
 
 def oracle_scores(probs: torch.Tensor, kv_heads: int, w: int, kernel: int) -> torch.Tensor:
@@ -116,12 +104,7 @@ def test_left_padded_rows_equal_rows_alone(arch):
     model = tiny_model(arch, layers=4)
     lens = [150, 90, 30]  # the last row is shorter than the budget
     rows = [prompt(n, seed=i) for i, n in enumerate(lens)]
-    n = max(lens)
-    ids = torch.zeros(3, n, dtype=torch.long)
-    mask = torch.zeros(3, n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - r.shape[1]:] = r[0]
-        mask[i, n - r.shape[1]:] = 1
+    ids, mask = left_pad(rows)
     kw = dict(max_capacity_prompt=40, window_size=8, kernel_size=5)
     batch = greedy(model, ids, SnapKVCache(model, **kw), attention_mask=mask)
     for i, r in enumerate(rows):
@@ -168,7 +151,7 @@ def test_document_on_mixed_models_equals_snapkv_from_scratch(arch):
         if a.sliding_window:
             assert document.keys[i].shape[2] == a.sliding_window - 1, "the store keeps a sliding layer's window only"
     ids = torch.cat([doc, question], dim=1)
-    want = greedy(model, ids, SnapKVCache(model, **kw))
+    want = greedy(model, ids, SnapKVCache(model, **kw), n=6)
     got = document.generate(question, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
     assert document.generate([question, prompt(9, seed=4)], max_new_tokens=4)[0] == want[0, :4].tolist()

@@ -115,6 +115,15 @@ def _check_context(model, args, prompt_len: Optional[int] = None) -> None:
         raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
 
 
+def _prepare(args):
+    """Check the settings, set up, load the model, check what must fit its context: (model, tok)."""
+    _check_settings(args)
+    _setup(args)
+    model, tok = _load(args)
+    _check_context(model, args)
+    return model, tok
+
+
 def _method(args):
     from .evaluate import Method
 
@@ -155,10 +164,7 @@ def _compare(model, tok, ids, methods, max_new_tokens, progress=True):
 def cmd_demo(args) -> int:
     from .haystack import chat_ids, needle_case, retrieved
 
-    _check_settings(args)
-    _setup(args)
-    model, tok = _load(args)
-    _check_context(model, args)
+    model, tok = _prepare(args)
     case = needle_case(tok, args.length, args.depth, seed=args.seed)
     ids = chat_ids(tok, case.prompt)
     print(f"Document: {ids.shape[1]} tokens of the project's own haystack with a pass key hidden at "
@@ -211,10 +217,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     from .evaluate import decode_bench, parse_methods, plot_bench
 
-    _check_settings(args)
-    _setup(args)
-    model, tok = _load(args)
-    _check_context(model, args)
+    model, tok = _prepare(args)
     methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling)
     res = decode_bench(model, tok, args.lengths, methods, steps=args.steps, reps=args.reps, progress=True)
     res["device"], res["dtype"] = args.device, args.dtype
@@ -234,10 +237,7 @@ def cmd_bench(args) -> int:
 def cmd_eval_needle(args) -> int:
     from .evaluate import needle_eval, parse_methods, plot_needle
 
-    _check_settings(args)
-    _setup(args)
-    model, tok = _load(args)
-    _check_context(model, args)
+    model, tok = _prepare(args)
     methods = parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
                             args.pooling)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
