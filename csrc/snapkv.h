@@ -51,16 +51,19 @@ void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B);
 // 1 / sqrt(D) unless given; must be finite and positive.
 float resolve_scale(const c10::optional<double>& scale, int64_t head_dim);
+// The logit soft-cap as the kernels take it: 0 for None (no cap), else finite and positive.
+float resolve_softcap(const c10::optional<double>& softcap);
 
 // ---- kernels, one set per device; arguments already checked ----
-// window_scores: -> [B, H_kv, L - w] float32, 0 at padded positions.
+// window_scores: -> [B, H_kv, L - w] float32, 0 at padded positions; softcap None: no cap.
 // pool_scores:   -> same shape and dtype as scores, -inf at padded positions when pad given.
 // select_topk:   -> [B, H, k] int64, sorted by position.
 // compact_into:  writes [B, H_kv, k + w, D] into the outputs.
 
 at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
                              const c10::optional<at::Tensor>& pad_lengths,
-                             const std::string& group_reduce, c10::optional<double> scale);
+                             const std::string& group_reduce, c10::optional<double> scale,
+                             c10::optional<double> softcap);
 at::Tensor pool_scores_cpu(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
                            const c10::optional<at::Tensor>& pad_lengths);
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t k);
@@ -74,7 +77,8 @@ void advise_huge_pages(const at::Tensor& fresh);
 #ifdef SNAPKV_WITH_CUDA
 at::Tensor window_scores_cuda(const at::Tensor& q_window, const at::Tensor& keys,
                               const c10::optional<at::Tensor>& pad_lengths,
-                              const std::string& group_reduce, c10::optional<double> scale);
+                              const std::string& group_reduce, c10::optional<double> scale,
+                              c10::optional<double> softcap);
 at::Tensor pool_scores_cuda(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
                             const c10::optional<at::Tensor>& pad_lengths);
 at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
@@ -105,13 +109,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
     int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
     const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale);
+    c10::optional<double> scale, c10::optional<double> softcap);
 // The fused path into caller-owned keys_out/values_out [B, H_kv, C', D] (e.g. the front of a
 // preallocated cache); returns the kept positions [B, H_kv, C'] int64.
 at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
                               const at::Tensor& values, int64_t max_capacity_prompt,
                               const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
                               const std::string& pooling, const std::string& group_reduce,
-                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale);
+                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale,
+                              c10::optional<double> softcap);
 
 }  // namespace snapkv

@@ -28,6 +28,7 @@ def window_scores(
     pad_lengths: Optional[Tensor] = None,
     group_reduce: str = "mean",
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """SnapKV votes of the observation window for every prefix position, per KV head.
 
@@ -44,15 +45,19 @@ def window_scores(
         How the query heads of one GQA group are combined.
     scale : float, optional
         Logit scale, ``1 / sqrt(D)`` by default.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2's ``attn_logit_softcapping``): the scaled logit x becomes
+        ``softcap * tanh(x / softcap)`` before the mask and the softmax. Finite and positive;
+        ``None`` (the default) for no cap.
 
     Returns
     -------
     Tensor [B, H_kv, L - w] float32
-        ``reduce_g mean_i softmax_j(q_{g,i} . k_j * scale)`` over the keys window query i sees
-        (causal inside the window), for the prefix positions ``j < L - w``. The [B, H_q, w, L]
-        attention matrix is never materialised.
+        ``reduce_g mean_i softmax_j(cap(q_{g,i} . k_j * scale))`` over the keys window query i
+        sees (causal inside the window), for the prefix positions ``j < L - w``; ``cap`` is the
+        identity without ``softcap``. The [B, H_q, w, L] attention matrix is never materialised.
     """
-    return _ops.window_scores(q_window, keys, pad_lengths, group_reduce, scale)
+    return _ops.window_scores(q_window, keys, pad_lengths, group_reduce, scale, softcap)
 
 
 def pool_scores(
@@ -106,6 +111,7 @@ def snapkv_compress(
     group_reduce: str = "mean",
     pad_lengths: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The whole SnapKV step for one layer: score, pool, select, compact.
 
@@ -116,9 +122,11 @@ def snapkv_compress(
     max_capacity_prompt`` nothing is dropped: the results are copies of the inputs and
     ``positions`` is ``0..L-1``. With padding, a row with fewer valid prefix positions than
     ``k`` keeps all of them plus its lowest padded positions, so the row stays left-padded.
+    ``scale`` and ``softcap`` (e.g. Gemma 2's logit cap) shape the logits as in
+    :func:`window_scores`.
     """
     return _ops.snapkv_compress(
-        q_window, keys, values, max_capacity_prompt, kernel_size, pooling, group_reduce, pad_lengths, scale
+        q_window, keys, values, max_capacity_prompt, kernel_size, pooling, group_reduce, pad_lengths, scale, softcap
     )
 
 
@@ -134,6 +142,7 @@ def snapkv_compress_into(
     group_reduce: str = "mean",
     pad_lengths: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """:func:`snapkv_compress` into caller-owned ``keys_out``/``values_out`` ``[B, H_kv, C', D]``,
     ``C' = min(L, max_capacity_prompt)``: e.g. the front of a preallocated cache, so the
@@ -144,7 +153,7 @@ def snapkv_compress_into(
     """
     return _ops.snapkv_compress_into(
         q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size, pooling, group_reduce,
-        pad_lengths, scale,
+        pad_lengths, scale, softcap,
     )
 
 
@@ -152,7 +161,7 @@ def snapkv_compress_into(
 
 
 @torch.library.register_fake("snapkv::window_scores")
-def _window_scores_fake(q_window, keys, pad_lengths=None, group_reduce="mean", scale=None):
+def _window_scores_fake(q_window, keys, pad_lengths=None, group_reduce="mean", scale=None, softcap=None):
     B, H_kv, L, _ = keys.shape
     return keys.new_empty((B, H_kv, L - q_window.shape[2]), dtype=torch.float32)
 
@@ -181,7 +190,7 @@ def _compact_into_fake(keys, values, indices, window_size, keys_out, values_out)
 @torch.library.register_fake("snapkv::snapkv_compress")
 def _snapkv_compress_fake(
     q_window, keys, values, max_capacity_prompt, kernel_size=7, pooling="max", group_reduce="mean",
-    pad_lengths=None, scale=None,
+    pad_lengths=None, scale=None, softcap=None,
 ):
     B, H_kv, L, D = keys.shape
     c = min(L, max_capacity_prompt)
@@ -193,7 +202,7 @@ def _snapkv_compress_fake(
 @torch.library.register_fake("snapkv::snapkv_compress_into")
 def _snapkv_compress_into_fake(
     q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size=7, pooling="max",
-    group_reduce="mean", pad_lengths=None, scale=None,
+    group_reduce="mean", pad_lengths=None, scale=None, softcap=None,
 ):
     B, H_kv, L, _ = keys.shape
     return keys.new_empty((B, H_kv, min(L, max_capacity_prompt)), dtype=torch.int64)

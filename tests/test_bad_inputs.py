@@ -30,6 +30,23 @@ def cases(device):
         ("pad_lengths must be int64", lambda: ops.window_scores(q, k, torch.tensor([1.0], device=device))),
         ("group_reduce must be", lambda: ops.window_scores(q, k, group_reduce="median")),
         ("scale must be finite and positive", lambda: ops.window_scores(q, k, scale=-1.0)),
+        ("softcap must be None or finite and positive, got 0", lambda: ops.window_scores(q, k, softcap=0.0)),
+        ("softcap must be None or finite and positive, got -1", lambda: ops.window_scores(q, k, softcap=-1.0)),
+        ("softcap must be None or finite and positive, got nan",
+         lambda: ops.window_scores(q, k, softcap=float("nan"))),
+        ("softcap must be None or finite and positive, got inf",
+         lambda: ops.window_scores(q, k, softcap=float("inf"))),
+        ("softcap must be None or finite and positive, got 1e-50",  # 0 as the kernels' float
+         lambda: ops.window_scores(q, k, softcap=1e-50)),
+        ("softcap must be None or finite and positive, got 1e+300",  # inf as the kernels' float
+         lambda: ops.window_scores(q, k, softcap=1e300)),
+        ("softcap must be None or finite and positive, got 0",
+         lambda: ops.snapkv_compress(q, k, v, 32, softcap=0.0)),
+        ("softcap must be None or finite and positive, got -1",
+         lambda: ops.snapkv_compress(q, k, v, 64, softcap=-1.0)),  # L <= capacity: checked all the same
+        ("softcap must be None or finite and positive, got nan",
+         lambda: ops.snapkv_compress_into(q, k, v, 32, t(1, 2, 32, 64, device=device), t(1, 2, 32, 64, device=device),
+                                          softcap=float("nan"))),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, 4)),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, 0)),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, -3)),

@@ -26,6 +26,7 @@ def test_opcheck(device, gen):
     for op, args in [
         (snap.window_scores.default, (q, k, pad, "mean", None)),
         (snap.window_scores.default, (q, k, None, "max", 0.3)),
+        (snap.window_scores.default, (q, k, pad, "mean", None, 5.0)),
         (snap.pool_scores.default, (s, 5, "max", pad)),
         (snap.pool_scores.default, (s, 3, "avg", None)),
         (snap.select_topk.default, (s, 7)),
@@ -33,9 +34,12 @@ def test_opcheck(device, gen):
         (snap.compact_into.default, (k, v, idx, 8, ko, vo)),
         (snap.snapkv_compress.default, (q, k, v, 16, 7, "max", "mean", pad, None)),
         (snap.snapkv_compress.default, (q, k, v, 64, 7, "max", "mean", None, None)),
+        (snap.snapkv_compress.default, (q, k, v, 16, 5, "avg", "sum", pad, 0.2, 5.0)),
         (snap.snapkv_compress_into.default, (q, k, v, 16, ko[:, :, :16], vo[:, :, 2:], 7, "max", "mean", pad, None)),
         (snap.snapkv_compress_into.default, (q, k, v, 64, ko.new_empty(2, 2, 40, 64), vo.new_empty(2, 2, 40, 64),
                                              5, "avg", "max", None, None)),
+        (snap.snapkv_compress_into.default, (q, k, v, 16, ko[:, :, :16], vo[:, :, 2:], 7, "max", "mean", pad, None,
+                                             30.0)),
     ]:
         torch.library.opcheck(op, args)
 
@@ -47,7 +51,7 @@ def test_compile_fullgraph(device, gen):
         s = ops.pool_scores(ops.window_scores(q, k, pad), 7, "max", pad)
         idx = ops.select_topk(s, 8)
         ck, cv = ops.compact(k, v, idx, 8)
-        fk, fv, pos = ops.snapkv_compress(q, k, v, 16, 7, "max", "mean", pad)
+        fk, fv, pos = ops.snapkv_compress(q, k, v, 16, 7, "max", "mean", pad, softcap=5.0)
         ik, iv = torch.zeros_like(fk), torch.zeros_like(fv)
         ipos = ops.snapkv_compress_into(q, k, v, 16, ik, iv, 7, "max", "mean", pad)
         return ck + 1, cv, fk, fv, pos, ik, iv, ipos
@@ -66,6 +70,8 @@ def test_cuda_matches_cpu(gen):
     s_cpu = ops.window_scores(q, k, pad)
     s_gpu = ops.window_scores(q.cuda(), k.cuda(), pad.cuda()).cpu()
     torch.testing.assert_close(s_gpu, s_cpu, rtol=1e-4, atol=1e-7)
+    s_capped = ops.window_scores(q.cuda(), k.cuda(), pad.cuda(), softcap=5.0).cpu()
+    torch.testing.assert_close(s_capped, ops.window_scores(q, k, pad, softcap=5.0), rtol=1e-4, atol=1e-7)
     p = ops.pool_scores(s_cpu, 7, "max", pad)
     assert torch.equal(ops.pool_scores(s_cpu.cuda(), 7, "max", pad.cuda()).cpu(), p)
     assert torch.equal(ops.select_topk(p.cuda(), 1000).cpu(), ops.select_topk(p, 1000))
