@@ -7,7 +7,9 @@
 #include <string>
 #include <tuple>
 
-#include "cuda/select_compact_kernels.cuh"
+#include "cuda/compact_kernels.cuh"
+#include "cuda/pool_scores_kernels.cuh"
+#include "cuda/select_topk_kernels.cuh"
 #include "cuda/window_scores_kernels.cuh"
 #include "snapkv.h"
 
