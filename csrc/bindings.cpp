@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(snapkv, m) {
-  // Window attention votes per KV head: [B,H_q,w,D] x [B,H_kv,L,D] -> [B,H_kv,L-w] float32 (softcap: Gemma 2's tanh cap).
+  // Window attention votes per KV head: [B,H_q,w,D] x [B,H_kv,L,D] -> [B,H_kv,L-w] float32 (Gemma 2 softcap).
   m.def("window_scores(Tensor q_window, Tensor keys, Tensor? pad_lengths=None, str group_reduce='mean', float? scale=None, float? softcap=None) -> Tensor");
   // 1-D max/avg pooling, odd kernel, stride 1, same length; positions < pad_lengths[b] -> -inf.
   m.def("pool_scores(Tensor scores, int kernel_size, str pooling='max', Tensor? pad_lengths=None) -> Tensor");

@@ -181,6 +181,7 @@ def _check_float(t: Tensor, name: str) -> None:
 
 
 def _as_float32(x: float) -> float:
+    """x as the kernels' float: 0 below its range, +-inf above."""
     try:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:
@@ -241,7 +242,8 @@ def _check_pooling(pooling: str) -> None:
 
 
 def _check_values(keys: Tensor, values: Tensor) -> None:
-    _check(values.shape == keys.shape, lambda: f"values must have the shape of keys {_shape(keys)}, got {_shape(values)}")
+    _check(values.shape == keys.shape,
+           lambda: f"values must have the shape of keys {_shape(keys)}, got {_shape(values)}")
     _check(values.dtype == keys.dtype, lambda: f"values must have the dtype of keys ({keys.dtype}), got {values.dtype}")
     _check(values.device == keys.device,
            lambda: f"values must have the dtype and device of keys ({keys.dtype}, {keys.device}), got "

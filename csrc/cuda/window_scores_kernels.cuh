@@ -384,7 +384,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < kColsPerThread; ++c) {
           const int64_t col = lane + 32 * c, j = t * kTK + col;
-          if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0)) st[m] = stat_push(st[m], tile_logit<kCap>(s[rl * kSLd + col], dm));
+          if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0))
+            st[m] = stat_push(st[m], tile_logit<kCap>(s[rl * kSLd + col], dm));
         }
       }
     });
