@@ -5,8 +5,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(snapkv, m) {
-  // Window attention votes per KV head: [B,H_q,w,D] x [B,H_kv,L,D] -> [B,H_kv,L-w] float32.
-  m.def("window_scores(Tensor q_window, Tensor keys, Tensor? pad_lengths=None, str group_reduce='mean', float? scale=None) -> Tensor");
+  // Window attention votes per KV head: [B,H_q,w,D] x [B,H_kv,L,D] -> [B,H_kv,L-w] float32 (Gemma 2 softcap).
+  m.def("window_scores(Tensor q_window, Tensor keys, Tensor? pad_lengths=None, str group_reduce='mean', float? scale=None, float? softcap=None) -> Tensor");
   // 1-D max/avg pooling, odd kernel, stride 1, same length; positions < pad_lengths[b] -> -inf.
   m.def("pool_scores(Tensor scores, int kernel_size, str pooling='max', Tensor? pad_lengths=None) -> Tensor");
   // Top-k positions per row [B,H,N] -> [B,H,k] int64, sorted by position, ties to the lower one.
@@ -16,9 +16,9 @@ TORCH_LIBRARY(snapkv, m) {
   // compact() into caller-owned buffers [B,H_kv,k+w,D].
   m.def("compact_into(Tensor keys, Tensor values, Tensor indices, int window_size, Tensor(a!) keys_out, Tensor(b!) values_out) -> ()");
   // The fused path: -> keys, values [B,H_kv,C',D] and kept positions [B,H_kv,C'], C' = min(L, capacity).
-  m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None) -> (Tensor, Tensor, Tensor)");
+  m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> (Tensor, Tensor, Tensor)");
   // The fused path into caller-owned keys_out, values_out [B,H_kv,C',D] -> kept positions [B,H_kv,C'].
-  m.def("snapkv_compress_into(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, Tensor(a!) keys_out, Tensor(b!) values_out, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None) -> Tensor");
+  m.def("snapkv_compress_into(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, Tensor(a!) keys_out, Tensor(b!) values_out, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> Tensor");
 }
 
 // `import snapkv_ext._C` loads this library, which runs the registrations above.

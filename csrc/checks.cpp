@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 #include "dispatch.h"
@@ -166,6 +167,16 @@ float resolve_scale(const c10::optional<double>& scale, int64_t head_dim) {
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
   SNAPKV_CHECK(std::isfinite(s) && s > 0, "scale must be finite and positive, got ", s);
   return static_cast<float>(s);
+}
+
+float resolve_softcap(const c10::optional<double>& softcap) {
+  if (!softcap.has_value()) return 0.f;
+  const double c = *softcap;
+  // As the float the kernels use: finite there too, and not so small that it rounds to 0 (no cap).
+  const bool ok = std::isfinite(c) && c > 0 && c <= std::numeric_limits<float>::max() &&
+                  static_cast<float>(c) > 0.f;
+  SNAPKV_CHECK(ok, "softcap must be None or finite and positive, got ", c);
+  return static_cast<float>(c);
 }
 
 }  // namespace snapkv

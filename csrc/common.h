@@ -30,6 +30,30 @@ SNAPKV_HD bool key_visible(int64_t j, int64_t i, int64_t L, int64_t w, int64_t p
   return j >= pad && j <= L - w + i;
 }
 
+// exp for the helpers that take one: expf by default (CUDA, the simulator); the CPU's vector
+// loops pass cpu_math.h's exp_fast, so the same formula vectorises there.
+struct ExpF {
+  SNAPKV_HD float operator()(float x) const { return expf(x); }
+};
+
+// Attention logit soft-capping (Gemma 2): softcap * tanh(x / softcap) of the scaled logit x,
+// before the mask and the softmax, as Transformers' eager attention does. The ops take
+// `softcap=None` for no cap, held as 0 inside; the kernels pick their capped or uncapped loops
+// once, outside the per-element work, so only softcap > 0 reaches this. tanh is Cephes' tanhf
+// (an odd polynomial below 0.625, else 1 - 2 / (exp(2|y|) + 1); a few ulp), branch-free so
+// that a CPU loop over it vectorises; NaN stays NaN, +-inf logits give +-softcap.
+template <typename Exp = ExpF>
+SNAPKV_HD float softcap_logit(float x, float softcap, Exp exp = Exp()) {
+  const float y = x / softcap;
+  const float a = fabsf(y);
+  const float z = y * y;
+  const float poly =
+      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
+       3.33332819422e-1f) * z * y + y;
+  const float tail = copysignf(1.f - 2.f / (exp(2.f * a) + 1.f), y);
+  return softcap * (a < 0.625f ? poly : tail);
+}
+
 // Running softmax statistics of one row: max `m` and sum of exp(x - m) `l`.
 struct SoftmaxStat {
   float m;

@@ -187,6 +187,21 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void block_logits_
 }
 #endif
 
+// exp_fast for common.h's helpers that take their exp.
+struct ExpFast {
+  float operator()(float x) const { return exp_fast(x); }
+};
+
+// Soft-caps rows r < n of a transposed logits block st[nb][ldr] in place (common.h's rule).
+SNAPKV_CPU_CLONES inline void softcap_block(float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
+                                            float softcap) {
+  for (int64_t j = 0; j < nb; ++j) {
+    float* row = st + j * ldr;
+#pragma omp simd
+    for (int64_t r = 0; r < n; ++r) row[r] = softcap_logit(row[r], softcap, ExpFast{});
+  }
+}
+
 // Per-row softmax statistics of a transposed logits block st[nb][ldr] over rows r < n:
 // m[r] = max_j st[j][r], l[r] = sum_j exp(st[j][r] - m[r]) (l = 0 where every logit is -inf).
 SNAPKV_CPU_CLONES inline void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,

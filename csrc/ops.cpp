@@ -25,7 +25,7 @@ std::pair<at::Tensor, at::Tensor> new_kv_outputs(const at::Tensor& keys, int64_t
 WindowShape check_compress_args(const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
                                 int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
                                 const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-                                c10::optional<double> scale) {
+                                c10::optional<double> scale, c10::optional<double> softcap) {
   const WindowShape s = check_window_args(q_window, keys, pad_lengths);
   SNAPKV_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(),
                ", got ", values.sizes());
@@ -39,6 +39,7 @@ WindowShape check_compress_args(const at::Tensor& q_window, const at::Tensor& ke
   parse_pooling(pooling);
   parse_group_reduce(group_reduce);
   resolve_scale(scale, s.D);
+  resolve_softcap(softcap);
   return s;
 }
 
@@ -47,7 +48,8 @@ at::Tensor compress_checked(const Backend& be, const WindowShape& s, const at::T
                             const at::Tensor& keys, const at::Tensor& values, int64_t max_capacity_prompt,
                             const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
                             const std::string& pooling, const std::string& group_reduce,
-                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
+                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale,
+                            c10::optional<double> softcap) {
   auto pos_opts = keys.options().dtype(at::kLong);
   if (s.L <= max_capacity_prompt) {
     // Nothing is dropped: the cache is the prompt's, exactly.
@@ -56,7 +58,7 @@ at::Tensor compress_checked(const Backend& be, const WindowShape& s, const at::T
     return at::arange(s.L, pos_opts).expand({s.B, s.Hkv, s.L}).contiguous();
   }
   const int64_t k = max_capacity_prompt - s.w;
-  auto scores = be.window_scores(q_window, keys, pad_lengths, group_reduce, scale);
+  auto scores = be.window_scores(q_window, keys, pad_lengths, group_reduce, scale, softcap);
   auto pooled = be.pool_scores(scores, kernel_size, pooling, pad_lengths);
   auto indices = be.select_topk(pooled, k);
   // indices come from select_topk, so they are in range by construction: no host sync here.
@@ -88,12 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
     int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
     const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale) {
+    c10::optional<double> scale, c10::optional<double> softcap) {
   const WindowShape s = check_compress_args(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
-                                            group_reduce, pad_lengths, scale);
+                                            group_reduce, pad_lengths, scale, softcap);
   auto [keys_out, values_out] = new_kv_outputs(keys, std::min(s.L, max_capacity_prompt));
   auto positions = compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out,
-                                    kernel_size, pooling, group_reduce, pad_lengths, scale);
+                                    kernel_size, pooling, group_reduce, pad_lengths, scale, softcap);
   return {keys_out, values_out, positions};
 }
 
@@ -101,13 +103,14 @@ at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, con
                               const at::Tensor& values, int64_t max_capacity_prompt,
                               const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
                               const std::string& pooling, const std::string& group_reduce,
-                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
+                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale,
+                              c10::optional<double> softcap) {
   const WindowShape s = check_compress_args(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
-                                            group_reduce, pad_lengths, scale);
+                                            group_reduce, pad_lengths, scale, softcap);
   check_kv_out(keys, values, std::min(s.L, max_capacity_prompt), "min(L, max_capacity_prompt)", keys_out,
                values_out);
   return compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size,
-                          pooling, group_reduce, pad_lengths, scale);
+                          pooling, group_reduce, pad_lengths, scale, softcap);
 }
 
 const Backend kCpuBackend{&window_scores_cpu, &pool_scores_cpu, &select_topk_cpu,

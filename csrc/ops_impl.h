@@ -39,13 +39,14 @@ class NvtxRange {
 template <const Backend& BE>
 at::Tensor window_scores_op(const at::Tensor& q_window, const at::Tensor& keys,
                             const c10::optional<at::Tensor>& pad_lengths, c10::string_view group_reduce,
-                            c10::optional<double> scale) {
+                            c10::optional<double> scale, c10::optional<double> softcap) {
   NvtxRange r("snapkv::window_scores", keys);
   const WindowShape s = check_window_args(q_window, keys, pad_lengths);
   const std::string gr(group_reduce);
   parse_group_reduce(gr);
   resolve_scale(scale, s.D);
-  return BE.window_scores(q_window, keys, pad_lengths, gr, scale);
+  resolve_softcap(softcap);
+  return BE.window_scores(q_window, keys, pad_lengths, gr, scale, softcap);
 }
 
 template <const Backend& BE>
@@ -84,20 +85,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_op(
     const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
     int64_t max_capacity_prompt, int64_t kernel_size, c10::string_view pooling,
     c10::string_view group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale) {
+    c10::optional<double> scale, c10::optional<double> softcap) {
   NvtxRange r("snapkv::snapkv_compress", keys);
   return compress_with(BE, q_window, keys, values, max_capacity_prompt, kernel_size,
-                       std::string(pooling), std::string(group_reduce), pad_lengths, scale);
+                       std::string(pooling), std::string(group_reduce), pad_lengths, scale, softcap);
 }
 
 template <const Backend& BE>
 at::Tensor compress_into_op(const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
                             int64_t max_capacity_prompt, const at::Tensor& keys_out, const at::Tensor& values_out,
                             int64_t kernel_size, c10::string_view pooling, c10::string_view group_reduce,
-                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale) {
+                            const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale,
+                            c10::optional<double> softcap) {
   NvtxRange r("snapkv::snapkv_compress_into", keys);
   return compress_into_with(BE, q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size,
-                            std::string(pooling), std::string(group_reduce), pad_lengths, scale);
+                            std::string(pooling), std::string(group_reduce), pad_lengths, scale, softcap);
 }
 
 // Registers every op of the `snapkv` library for one dispatch key with BE's kernels.

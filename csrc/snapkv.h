@@ -2,6 +2,40 @@
 //
 // Shapes use: B batch, H_q query heads, H_kv key/value heads (H_q % H_kv == 0), L prompt
 // length, D head dim, w observation window, k kept prefix positions.
+//
+// Adding an op `foo` (each step has a model in the existing ops; window_scores has them all):
+//  1. Schema: one `m.def("foo(...) -> ...")` line, with a one-line comment, in bindings.cpp (the
+//     only TORCH_LIBRARY block). Buffers the op writes are `Tensor(a!)`; optional scalars
+//     `float? x=None`.
+//  2. Checks: `check_foo_args` in checks.cpp, declared below: TORCH_CHECKs (SNAPKV_CHECK) whose
+//     messages name the argument and the value, shared by the CPU and CUDA entry points.
+//  3. Declarations, here: `foo_cpu` and, under SNAPKV_WITH_CUDA, `foo_cuda` with the same
+//     signature; a `decltype(&foo_cpu) foo;` member in struct Backend.
+//  4. CPU kernel: foo.cpp defines foo_cpu (work split with at::parallel_for via cpu_parallel.h,
+//     vector loops in cpu_math.h, per-element rules as SNAPKV_HD helpers in common.h).
+//  5. CUDA kernel: cuda/foo_kernels.cuh holds the kernels and a `template <class Exec> foo_run(Exec&
+//     ex, ...)` that plans and launches them with `ex.launch(name, kernel, LaunchShape, args...)`
+//     (shared memory only via dynamic_smem / SmemCarver, per-element math from common.h);
+//     cuda/foo.cu defines foo_cuda as foo_run on a CudaExec (cuda_exec.cuh). One .cu + _kernels.cuh
+//     per CPU .cpp; setup.py, CMakeLists.txt and tools/check_torch_compat.sh glob the sources.
+//  6. Backend tables: `foo_op<BE>` in ops_impl.h (NvtxRange, the checks, `BE.foo(...)`; a body
+//     that composes kernels goes in ops.cpp as a `*_with(const Backend&, ...)`, like compress_with)
+//     and its `m.impl` in register_device_ops; `&foo_cpu` in kCpuBackend (ops.cpp) and `&foo_cuda`
+//     in kCudaBackend (cuda/register_cuda.cpp), in Backend's member order.
+//  7. Python: in snapkv_ext/ops.py a typed wrapper with a numpy-style docstring (shapes, dtypes,
+//     units) and a `torch.library.register_fake` that checks what checks.cpp checks (the `_check`
+//     helpers, same messages) and returns the output shapes; export it in snapkv_ext/__init__.py
+//     (import and __all__).
+//  8. Reference: `foo` in snapkv_ext/reference.py, plain torch in float64, same arguments.
+//  9. Tests: tests/test_foo.py against the reference on every device (the `device` fixture,
+//     awkward sizes, conftest.py helpers); rows in tests/test_bad_inputs.py `cases` (they also run
+//     on meta tensors against the fake); an opcheck case in tests/test_opcheck_compile.py; for the
+//     CUDA kernel, an #include of foo_kernels.cuh and a binding in tests/cuda_sim/sim_ops.cpp
+//     (foo_run on a SimExec) and tests in tests/cuda_sim/test_sim_kernels.py (both thread orders,
+//     against the reference).
+// 10. Benchmark: a (name, ours, plain torch) case in make_cases of benchmarks/bench_ops.py (and,
+//     for a CUDA kernel, its bytes and FLOPs in benchmarks/roofline.py); a row in README.md's op
+//     table.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,16 +85,19 @@ void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B);
 // 1 / sqrt(D) unless given; must be finite and positive.
 float resolve_scale(const c10::optional<double>& scale, int64_t head_dim);
+// The logit soft-cap as the kernels take it: 0 for None (no cap), else finite and positive.
+float resolve_softcap(const c10::optional<double>& softcap);
 
 // ---- kernels, one set per device; arguments already checked ----
-// window_scores: -> [B, H_kv, L - w] float32, 0 at padded positions.
+// window_scores: -> [B, H_kv, L - w] float32, 0 at padded positions; softcap None: no cap.
 // pool_scores:   -> same shape and dtype as scores, -inf at padded positions when pad given.
 // select_topk:   -> [B, H, k] int64, sorted by position.
 // compact_into:  writes [B, H_kv, k + w, D] into the outputs.
 
 at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
                              const c10::optional<at::Tensor>& pad_lengths,
-                             const std::string& group_reduce, c10::optional<double> scale);
+                             const std::string& group_reduce, c10::optional<double> scale,
+                             c10::optional<double> softcap);
 at::Tensor pool_scores_cpu(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
                            const c10::optional<at::Tensor>& pad_lengths);
 at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t k);
@@ -74,7 +111,8 @@ void advise_huge_pages(const at::Tensor& fresh);
 #ifdef SNAPKV_WITH_CUDA
 at::Tensor window_scores_cuda(const at::Tensor& q_window, const at::Tensor& keys,
                               const c10::optional<at::Tensor>& pad_lengths,
-                              const std::string& group_reduce, c10::optional<double> scale);
+                              const std::string& group_reduce, c10::optional<double> scale,
+                              c10::optional<double> softcap);
 at::Tensor pool_scores_cuda(const at::Tensor& scores, int64_t kernel_size, const std::string& pooling,
                             const c10::optional<at::Tensor>& pad_lengths);
 at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
@@ -105,13 +143,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
     const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
     int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
     const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale);
+    c10::optional<double> scale, c10::optional<double> softcap);
 // The fused path into caller-owned keys_out/values_out [B, H_kv, C', D] (e.g. the front of a
 // preallocated cache); returns the kept positions [B, H_kv, C'] int64.
 at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
                               const at::Tensor& values, int64_t max_capacity_prompt,
                               const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,
                               const std::string& pooling, const std::string& group_reduce,
-                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale);
+                              const c10::optional<at::Tensor>& pad_lengths, c10::optional<double> scale,
+                              c10::optional<double> softcap);
 
 }  // namespace snapkv

@@ -9,6 +9,8 @@
 // Pass 2 needs pass 1's log-sum-exp, so the logits are either recomputed (extra memory per worker:
 // one [kBlock, R] block) or, when it fits the O(B*H_kv*L) budget, kept from pass 1 (one [L, R]
 // buffer per worker, used only while workers * R <= 2 * B * H_kv, e.g. full multi-head attention).
+// With a soft-cap (Gemma 2), each block's scaled logits are capped right after they are computed,
+// before the causal mask, so both passes (and kept logits) see the capped values.
 #include <ATen/ATen.h>
 
 #include <vector>
@@ -29,10 +31,12 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
                              const c10::optional<at::Tensor>& pad_lengths,
-                             const std::string& group_reduce, c10::optional<double> scale_opt) {
+                             const std::string& group_reduce, c10::optional<double> scale_opt,
+                             c10::optional<double> softcap_opt) {
   const WindowShape s = window_shape(q_window, keys);
   const GroupReduce reduce = parse_group_reduce(group_reduce);
   const float scale = resolve_scale(scale_opt, s.D);
+  const float softcap = resolve_softcap(softcap_opt);
   const int64_t G = s.group(), R = G * s.w, N = s.L - s.w, D = s.D, L = s.L, w = s.w;
   const int64_t ldr = round_up(R, 32);
 
@@ -71,8 +75,8 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
       const at::Tensor kh = k[b][bh % s.Hkv];  // [L, D]
       float* o = out.data_ptr<float>() + bh * N;
 
-      // Transposed logits of keys [j0, j1): st[(j - j0) * ldr + r].
-      auto block_logits = [&](int64_t j0, int64_t j1, float* st) {
+      // Transposed scaled logits of keys [j0, j1): st[(j - j0) * ldr + r].
+      auto scaled_logits = [&](int64_t j0, int64_t j1, float* st) {
         const int64_t nb = j1 - j0;
         if (k.scalar_type() == at::kFloat) {
           cpu::block_logits_t(kh.data_ptr<float>() + j0 * D, nb, D, qh, ldr, st);
@@ -90,6 +94,11 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
           kbuf.narrow(0, 0, nb).copy_(kh.narrow(0, j0, nb));
           cpu::block_logits_t(kbuf.data_ptr<float>(), nb, D, qh, ldr, st);
         }
+      };
+      // ... soft-capped when asked (the rows r < R: the padding rows are never read).
+      auto block_logits = [&](int64_t j0, int64_t j1, float* st) {
+        scaled_logits(j0, j1, st);
+        if (softcap > 0.f) cpu::softcap_block(st, j1 - j0, ldr, R, softcap);
       };
       auto block_ptr = [&](int64_t j0) { return keep_logits ? lg + (j0 - p0) * ldr : lg; };
 

@@ -14,18 +14,24 @@ from torch import Tensor
 
 def window_attention(
     q_window: Tensor, keys: Tensor, pad_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
-    dtype: torch.dtype = torch.float64,
+    softcap: Optional[float] = None, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Softmax attention of the window queries over all keys: ``[B, H_q, w, L]`` in ``dtype``.
 
-    Key j is visible to window query i iff it is not padding and ``j <= L - w + i``.
+    Key j is visible to window query i iff it is not padding and ``j <= L - w + i``. With
+    ``softcap`` (Gemma 2), the scaled logits become ``softcap * tanh(logits / softcap)`` before
+    the mask and the softmax, as in Transformers' eager attention.
     """
     B, H_q, w, D = q_window.shape
     _, H_kv, L, _ = keys.shape
     group = H_q // H_kv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or finite and positive, got {softcap}")
     k = keys.to(dtype).repeat_interleave(group, dim=1)  # query head h uses KV head h // group
     logits = torch.einsum("bhid,bhjd->bhij", q_window.to(dtype), k) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     j = torch.arange(L, device=keys.device)
     i = torch.arange(w, device=keys.device)
     visible = j[None, :] <= (L - w + i)[:, None]  # [w, L]
@@ -38,13 +44,13 @@ def window_attention(
 
 def window_scores(
     q_window: Tensor, keys: Tensor, pad_lengths: Optional[Tensor] = None, group_reduce: str = "mean",
-    scale: Optional[float] = None, dtype: torch.dtype = torch.float64,
+    scale: Optional[float] = None, softcap: Optional[float] = None, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Reference of :func:`snapkv_ext.ops.window_scores`: ``[B, H_kv, L - w]`` float32,
     computed in ``dtype`` (float64 by default; float32 to measure what fp32 costs anyway)."""
     B, H_q, w, _ = q_window.shape
     H_kv, L = keys.shape[1], keys.shape[2]
-    p = window_attention(q_window, keys, pad_lengths, scale, dtype=dtype)
+    p = window_attention(q_window, keys, pad_lengths, scale, softcap, dtype=dtype)
     votes = p.mean(dim=2)[..., : L - w].reshape(B, H_kv, H_q // H_kv, L - w)
     if group_reduce == "mean":
         out = votes.mean(dim=2)
@@ -98,7 +104,7 @@ def compact(keys: Tensor, values: Tensor, indices: Tensor, window_size: int) -> 
 def snapkv_compress(
     q_window: Tensor, keys: Tensor, values: Tensor, max_capacity_prompt: int, kernel_size: int = 7,
     pooling: str = "max", group_reduce: str = "mean", pad_lengths: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    scale: Optional[float] = None, softcap: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`snapkv_ext.ops.snapkv_compress`."""
     B, H_kv, L, _ = keys.shape
@@ -106,7 +112,7 @@ def snapkv_compress(
     if L <= max_capacity_prompt:
         pos = torch.arange(L, device=keys.device).expand(B, H_kv, L)
         return keys.clone(), values.clone(), pos.clone()
-    s = window_scores(q_window, keys, pad_lengths, group_reduce, scale)
+    s = window_scores(q_window, keys, pad_lengths, group_reduce, scale, softcap)
     s = pool_scores(s, kernel_size, pooling, pad_lengths)
     idx = select_topk(s, max_capacity_prompt - w)
     k_out, v_out = compact(keys, values, idx, w)
@@ -117,11 +123,11 @@ def snapkv_compress(
 def snapkv_compress_into(
     q_window: Tensor, keys: Tensor, values: Tensor, max_capacity_prompt: int, keys_out: Tensor,
     values_out: Tensor, kernel_size: int = 7, pooling: str = "max", group_reduce: str = "mean",
-    pad_lengths: Optional[Tensor] = None, scale: Optional[float] = None,
+    pad_lengths: Optional[Tensor] = None, scale: Optional[float] = None, softcap: Optional[float] = None,
 ) -> Tensor:
     """Reference of :func:`snapkv_ext.ops.snapkv_compress_into`."""
     k_out, v_out, pos = snapkv_compress(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
-                                        group_reduce, pad_lengths, scale)
+                                        group_reduce, pad_lengths, scale, softcap)
     keys_out.copy_(k_out)
     values_out.copy_(v_out)
     return pos

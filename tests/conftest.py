@@ -33,10 +33,11 @@ def randn(shape, dtype, device, gen, scale=1.0):
     return (torch.randn(shape, generator=gen) * scale).to(dtype=dtype, device=device)
 
 
-def assert_scores_close(out, q, k, pad=None, group_reduce="mean"):
+def assert_scores_close(out, q, k, pad=None, group_reduce="mean", scale=None, softcap=None):
     """The kernel's error against float64 must be within ~2x what an fp32 reference costs."""
-    want = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce)
-    fp32 = ref.window_scores(q.cpu(), k.cpu(), None if pad is None else pad.cpu(), group_reduce, dtype=torch.float32)
+    pad = None if pad is None else pad.cpu()
+    want = ref.window_scores(q.cpu(), k.cpu(), pad, group_reduce, scale, softcap)
+    fp32 = ref.window_scores(q.cpu(), k.cpu(), pad, group_reduce, scale, softcap, dtype=torch.float32)
     assert out.dtype == torch.float32
     assert out.shape == want.shape
     got = out.cpu()

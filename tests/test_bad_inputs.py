@@ -30,6 +30,23 @@ def cases(device):
         ("pad_lengths must be int64", lambda: ops.window_scores(q, k, torch.tensor([1.0], device=device))),
         ("group_reduce must be", lambda: ops.window_scores(q, k, group_reduce="median")),
         ("scale must be finite and positive", lambda: ops.window_scores(q, k, scale=-1.0)),
+        ("softcap must be None or finite and positive, got 0", lambda: ops.window_scores(q, k, softcap=0.0)),
+        ("softcap must be None or finite and positive, got -1", lambda: ops.window_scores(q, k, softcap=-1.0)),
+        ("softcap must be None or finite and positive, got nan",
+         lambda: ops.window_scores(q, k, softcap=float("nan"))),
+        ("softcap must be None or finite and positive, got inf",
+         lambda: ops.window_scores(q, k, softcap=float("inf"))),
+        ("softcap must be None or finite and positive, got 1e-50",  # 0 as the kernels' float
+         lambda: ops.window_scores(q, k, softcap=1e-50)),
+        ("softcap must be None or finite and positive, got 1e+300",  # inf as the kernels' float
+         lambda: ops.window_scores(q, k, softcap=1e300)),
+        ("softcap must be None or finite and positive, got 0",
+         lambda: ops.snapkv_compress(q, k, v, 32, softcap=0.0)),
+        ("softcap must be None or finite and positive, got -1",
+         lambda: ops.snapkv_compress(q, k, v, 64, softcap=-1.0)),  # L <= capacity: checked all the same
+        ("softcap must be None or finite and positive, got nan",
+         lambda: ops.snapkv_compress_into(q, k, v, 32, t(1, 2, 32, 64, device=device), t(1, 2, 32, 64, device=device),
+                                          softcap=float("nan"))),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, 4)),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, 0)),
         ("kernel_size must be a positive odd", lambda: ops.pool_scores(s, -3)),
@@ -79,6 +96,23 @@ CASE_IDS = [f"{i}-{c[0][:30]}" for i, c in enumerate(cases("cpu"))]
 @pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_bad_input_message(device, case):
     message, call = cases(device)[case]
+    with pytest.raises(RuntimeError, match="snapkv: .*" + __import__("re").escape(message)):
+        call()
+
+
+# What needs tensor values or memory (pad_lengths and indices in range, outputs that overlap) is
+# checked at run time only; the fakes cannot see it.
+RUN_TIME_ONLY = ("pad_lengths values must be in", "indices must lie in", "share memory")
+
+
+@pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_bad_input_message_on_meta(case):
+    """The fake implementations (what torch.compile traces with) reject the same calls with the
+    same messages, on meta tensors; the value checks they cannot do let the call through."""
+    message, call = cases("meta")[case]
+    if any(m in message for m in RUN_TIME_ONLY):
+        call()
+        return
     with pytest.raises(RuntimeError, match="snapkv: .*" + __import__("re").escape(message)):
         call()
 

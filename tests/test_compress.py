@@ -70,6 +70,24 @@ def test_reference_pipeline_agrees(device, gen):
         assert torch.equal(g.cpu(), w_)
 
 
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_softcap_selection_matches_reference(device, gen, softcap):
+    """With Gemma 2's logit cap the fused path keeps what the float64 reference keeps, which is
+    not what it keeps without the cap (queries large enough for the cap to matter)."""
+    q = randn((2, 8, 16, 64), torch.float32, device, gen, scale=4.0)
+    k = randn((2, 2, 600, 64), torch.float32, device, gen, scale=2.0)
+    v = randn((2, 2, 600, 64), torch.float32, device, gen)
+    pad = torch.tensor([0, 90], device=device)
+    got = ops.snapkv_compress(q, k, v, 128, 7, "max", "mean", pad, softcap=softcap)
+    want = ref.snapkv_compress(q.cpu(), k.cpu(), v.cpu(), 128, 7, "max", "mean", pad.cpu(), softcap=softcap)
+    for g, w_ in zip(got, want):
+        assert torch.equal(g.cpu(), w_)
+    assert not torch.equal(got[2], ops.snapkv_compress(q, k, v, 128, 7, "max", "mean", pad)[2])
+    ko, vo = torch.empty_like(got[0]), torch.empty_like(got[1])
+    pos = ops.snapkv_compress_into(q, k, v, 128, ko, vo, 7, "max", "mean", pad, None, softcap)
+    assert torch.equal(pos, got[2]) and torch.equal(ko, got[0]) and torch.equal(vo, got[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_padded_batch_rows_equal_rows_alone(device, gen, dtype):
     """Left-padded batch: padding is never kept while a row has enough real positions, and

@@ -83,3 +83,58 @@ def test_non_contiguous_inputs(device, gen):
     q = q_all[:, :, -16:]
     assert not q.is_contiguous() and not k_t.is_contiguous()
     torch.testing.assert_close(ops.window_scores(q, k_t), ops.window_scores(q.contiguous(), k_t.contiguous()))
+
+
+# ---- logit soft-capping (Gemma 2): softcap * tanh(logit / softcap) before the mask and softmax
+# Queries of scale 4 against keys of scale 2 at D = 64 give logits of standard deviation ~8: a
+# cap of 5 bends most of them, 50 only the tails.
+SOFTCAPS = [5.0, 15.0, 50.0]
+
+
+@pytest.mark.parametrize("softcap", SOFTCAPS)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_dtypes_gqa(device, gen, dtype, group, softcap):
+    B, H_kv, L, w, D = 2, 2, 301, 16, 64
+    q = randn((B, H_kv * group, w, D), dtype, device, gen, scale=4.0)
+    k = randn((B, H_kv, L, D), dtype, device, gen, scale=2.0)
+    out = ops.window_scores(q, k, softcap=softcap)
+    assert_scores_close(out, q, k, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_padded_rows_and_scale(device, gen, dtype):
+    """Padding, a head dim that is not a multiple of 16, an explicit scale and group max."""
+    B, L, w, D = 3, 170, 16, 80
+    q = randn((B, 6, w, D), dtype, device, gen, scale=4.0)
+    k = randn((B, 2, L, D), dtype, device, gen, scale=2.0)
+    pad = torch.tensor([0, 37, L - w], device=device)
+    out = ops.window_scores(q, k, pad, "max", 0.2, 5.0)
+    assert_scores_close(out, q, k, pad, "max", scale=0.2, softcap=5.0)
+    assert (out[1, :, :37] == 0).all() and (out[2] == 0).all(), "padded positions must score 0"
+
+
+@pytest.mark.parametrize("length", [97, 1025])
+def test_softcap_lengths(device, gen, length):
+    """Blocks of keys (the CPU kernel's 256) and the window's causal mask after the cap."""
+    q = randn((1, 8, 32, 128), torch.float32, device, gen, scale=4.0)
+    k = randn((1, 2, length, 128), torch.float32, device, gen, scale=2.0)
+    assert_scores_close(ops.window_scores(q, k, softcap=5.0), q, k, softcap=5.0)
+
+
+def test_softcap_changes_scores(device, gen):
+    """A cap small against the logits changes the scores, and the selection, materially: the
+    kernel must apply it (and not to the unscaled dot products, nor not at all)."""
+    q = randn((1, 4, 16, 64), torch.float32, device, gen, scale=4.0)
+    k = randn((1, 2, 400, 64), torch.float32, device, gen, scale=2.0)
+    capped, plain = ops.window_scores(q, k, softcap=5.0).cpu(), ops.window_scores(q, k).cpu()
+    torch.testing.assert_close(capped, ref.window_scores(q.cpu(), k.cpu(), softcap=5.0), rtol=1e-4, atol=1e-6)
+    assert (capped - plain).abs().max() > 0.1 * plain.abs().max()
+    top_capped, top_plain = ops.select_topk(capped, 64), ops.select_topk(plain, 64)
+    assert not torch.equal(top_capped, top_plain)
+    # The cap applies to the scaled logit. Capping the dot product and scaling after, 5 tanh(x / 5)
+    # / 8 with x = q.k, is capping the scaled logit at 5 / 8: another function.
+    cap_then_scale = ref.window_scores(q.cpu(), k.cpu(), softcap=5.0 / 8)
+    assert (capped - cap_then_scale).abs().max() > 0.1 * capped.abs().max()
+    # A cap far above every logit changes nothing beyond rounding.
+    torch.testing.assert_close(ops.window_scores(q, k, softcap=1e4).cpu(), plain, rtol=1e-3, atol=1e-6)

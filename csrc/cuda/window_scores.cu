@@ -8,10 +8,11 @@ namespace snapkv {
 
 at::Tensor window_scores_cuda(const at::Tensor& q_window, const at::Tensor& keys,
                               const c10::optional<at::Tensor>& pad_lengths,
-                              const std::string& group_reduce, c10::optional<double> scale) {
+                              const std::string& group_reduce, c10::optional<double> scale,
+                              c10::optional<double> softcap) {
   CudaExec ex(keys);
   return ws::window_scores_run(ex, q_window, keys, pad_lengths, parse_group_reduce(group_reduce),
-                               resolve_scale(scale, keys.size(3)));
+                               resolve_scale(scale, keys.size(3)), resolve_softcap(softcap));
 }
 
 }  // namespace snapkv

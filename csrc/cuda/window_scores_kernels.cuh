@@ -7,7 +7,8 @@
 // aligned) through WMMA: 16-bit inputs with fp32 accumulation, float32 inputs as 3xTF32 (each
 // operand split into a TF32 high and low part; three products), so fp32 keeps fp32 accuracy.
 // The logit tile [rows, kTK] goes to shared memory in fp32, where the softmax bookkeeping runs
-// with the helpers of common.h (the CPU kernel's too):
+// with the helpers of common.h (the CPU kernel's too), on the scaled logits, soft-capped first
+// when the op has a cap (kernels built with kCap; the uncapped ones do no extra work):
 //   1. stats:   grid (key chunks, B*H_kv): per row and chunk a partial (max, sum of exp).
 //   2. combine: a warp per row merges its chunks' partials into the row's log-sum-exp.
 //   3. votes:   grid (prefix chunks, B*H_kv): rescore, probabilities with the row's lse, mean
@@ -21,6 +22,7 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdlib>
+#include <type_traits>
 
 #include "../common.h"
 #include "../dispatch.h"
@@ -49,7 +51,16 @@ struct Dims {
   int async_rows;      // 1: key rows are 16-byte aligned, loaded with async copies
   int resident;        // 1: query fragments stay in registers (QFrags)
   float scale;
+  float softcap;       // > 0 in the kernels built with kCap (0: no cap)
 };
+
+// The logit of a logit-tile entry (an unscaled dot product): scaled, then soft-capped in the
+// kernels built with the cap. Both passes use it, so the votes see the statistics' logits.
+template <bool kCap>
+__device__ __forceinline__ float tile_logit(float dot, const Dims& dm) {
+  const float x = dot * dm.scale;
+  return kCap ? softcap_logit(x, dm.softcap) : x;
+}
 
 // Element types and the MMA of a warp unit: NR 16-row fragments of the query block against two
 // 16-key fragments of the key tile (acc[r][c] += Q[rows of r] . K[keys of c]^T over Dp), per
@@ -336,7 +347,7 @@ __device__ void stream_tiles(unsigned char* smem, const Smem& lay, const QFrags<
   }
 }
 
-template <typename scalar_t, bool kResident>
+template <typename scalar_t, bool kResident, bool kCap>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(const scalar_t* __restrict__ q,      // [B, H_kv, R, D] (query head kv*G + g, row g*w + i)
                  const scalar_t* __restrict__ keys,   // [B, H_kv, L, D]
@@ -373,7 +384,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int c = 0; c < kColsPerThread; ++c) {
           const int64_t col = lane + 32 * c, j = t * kTK + col;
-          if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0)) st[m] = stat_push(st[m], s[rl * kSLd + col] * dm.scale);
+          if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0))
+            st[m] = stat_push(st[m], tile_logit<kCap>(s[rl * kSLd + col], dm));
         }
       }
     });
@@ -407,7 +419,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) lse[row] = stat_lse(x);
 }
 
-template <typename scalar_t, bool kResident>
+template <typename scalar_t, bool kResident, bool kCap>
 __global__ void __launch_bounds__(kThreads)
     votes_kernel(const scalar_t* __restrict__ q,     // [B, H_kv, R, D]
                  const scalar_t* __restrict__ keys,  // [B, H_kv, L, D]
@@ -451,7 +463,7 @@ __global__ void __launch_bounds__(kThreads)
         float v = 0.f;
         for (int64_t r = lo + ((sub - lo) % kThreadsPerCol + kThreadsPerCol) % kThreadsPerCol; r < hi;
              r += kThreadsPerCol)
-          v += vis ? prob_from_lse(s[(r - r0) * kSLd + col] * dm.scale, lse_s[r - r0]) : 0.f;
+          v += vis ? prob_from_lse(tile_logit<kCap>(s[(r - r0) * kSLd + col], dm), lse_s[r - r0]) : 0.f;
 #pragma unroll
         for (int off = 1; off < kThreadsPerCol; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
         if (sub == 0) {
@@ -490,8 +502,8 @@ struct Plan {
 // `max_smem` bytes of opt-in shared memory per block. Returns false if even the smallest row
 // block does not fit (the head dim is too large for this device).
 inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int64_t D, int64_t G,
-                               int64_t elem_bytes, bool rows_aligned, float scale, int sm_count, size_t max_smem,
-                               Plan* p, bool allow_resident = true) {
+                               int64_t elem_bytes, bool rows_aligned, float scale, float softcap, int sm_count,
+                               size_t max_smem, Plan* p, bool allow_resident = true) {
   Dims dm;
   dm.L = L;
   dm.w = w;
@@ -507,6 +519,7 @@ inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int
   dm.ld = dm.Dp + 16 / elem_bytes;
   dm.async_rows = rows_aligned && (D * elem_bytes) % 16 == 0;
   dm.scale = scale;
+  dm.softcap = softcap;
   // Spread each KV head's keys over enough CTAs for about two waves.
   const int64_t bhs = B * Hkv;
   const int64_t ctas_per_bh = ceil_div(2 * static_cast<int64_t>(sm_count), bhs);
@@ -541,7 +554,8 @@ inline bool plan_window_scores(int64_t B, int64_t Hkv, int64_t L, int64_t w, int
 // The whole op on an executor (CudaExec or the simulator's): shapes checked by the caller.
 template <class Exec>
 at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Tensor& keys,
-                             const c10::optional<at::Tensor>& pad_lengths, GroupReduce reduce, float scale) {
+                             const c10::optional<at::Tensor>& pad_lengths, GroupReduce reduce, float scale,
+                             float softcap) {
   const int64_t B = q_window.size(0), Hq = q_window.size(1), w = q_window.size(2), D = q_window.size(3);
   const int64_t Hkv = keys.size(1), L = keys.size(2), G = Hq / Hkv;
   SNAPKV_CHECK(B * Hkv <= 65535, "B * H_kv must be at most 65535 for the CUDA kernels, got ", B * Hkv);
@@ -556,7 +570,7 @@ at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Ten
   const char* resident_env = std::getenv("SNAPKV_WS_RESIDENT");
   const bool allow_resident = !(resident_env && resident_env[0] == '0');
   Plan p;
-  SNAPKV_CHECK(plan_window_scores(B, Hkv, L, w, D, G, k.element_size(), aligned, scale, ex.sm_count(),
+  SNAPKV_CHECK(plan_window_scores(B, Hkv, L, w, D, G, k.element_size(), aligned, scale, softcap, ex.sm_count(),
                                   ex.max_smem_optin(), &p, allow_resident),
                "head dim D = ", D, " is too large for the CUDA window_scores kernel on this device");
   auto f32 = keys.options().dtype(at::kFloat);
@@ -568,13 +582,23 @@ at::Tensor window_scores_run(Exec& ex, const at::Tensor& q_window, const at::Ten
   SNAPKV_DISPATCH_FLOATING(k.scalar_type(), "window_scores_cuda", [&] {
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* kp = k.data_ptr<scalar_t>();
-    auto stats = p.stats_dm.resident ? stats_kernel<scalar_t, kSixteenBit<scalar_t>> : stats_kernel<scalar_t, false>;
-    auto votes = p.votes_dm.resident ? votes_kernel<scalar_t, kSixteenBit<scalar_t>> : votes_kernel<scalar_t, false>;
-    ex.launch("window_scores.stats", stats, p.stats, qp, kp, pad_ptr, pp, p.stats_dm);
-    ex.launch("window_scores.combine", combine_kernel, p.combine, static_cast<const SoftmaxStat*>(pp),
-              lse.data_ptr<float>(), rows, p.stats_dm.chunks);
-    ex.launch("window_scores.votes", votes, p.votes, qp, kp, pad_ptr,
-              static_cast<const float*>(lse.data_ptr<float>()), out.data_ptr<float>(), p.votes_dm, reduce);
+    // The capped or uncapped kernels, chosen here once (cap: a compile-time constant in them).
+    auto run = [&](auto cap) {
+      constexpr bool kCap = decltype(cap)::value;
+      auto stats = p.stats_dm.resident ? stats_kernel<scalar_t, kSixteenBit<scalar_t>, kCap>
+                                       : stats_kernel<scalar_t, false, kCap>;
+      auto votes = p.votes_dm.resident ? votes_kernel<scalar_t, kSixteenBit<scalar_t>, kCap>
+                                       : votes_kernel<scalar_t, false, kCap>;
+      ex.launch("window_scores.stats", stats, p.stats, qp, kp, pad_ptr, pp, p.stats_dm);
+      ex.launch("window_scores.combine", combine_kernel, p.combine, static_cast<const SoftmaxStat*>(pp),
+                lse.data_ptr<float>(), rows, p.stats_dm.chunks);
+      ex.launch("window_scores.votes", votes, p.votes, qp, kp, pad_ptr,
+                static_cast<const float*>(lse.data_ptr<float>()), out.data_ptr<float>(), p.votes_dm, reduce);
+    };
+    if (softcap > 0.f)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
   });
   return out;
 }

@@ -7,7 +7,9 @@
 #include <string>
 #include <tuple>
 
-#include "cuda/select_compact_kernels.cuh"
+#include "cuda/compact_kernels.cuh"
+#include "cuda/pool_scores_kernels.cuh"
+#include "cuda/select_topk_kernels.cuh"
 #include "cuda/window_scores_kernels.cuh"
 #include "snapkv.h"
 
@@ -49,11 +51,12 @@ void configure(const std::string& order, int workers, int sm_count, int64_t max_
 }
 
 at::Tensor window_scores(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& pad,
-                         const std::string& group_reduce, c10::optional<double> scale) {
+                         const std::string& group_reduce, c10::optional<double> scale,
+                         c10::optional<double> softcap) {
   snapkv::check_window_args(q, k, pad);
   SimExec ex;
   return snapkv::ws::window_scores_run(ex, q, k, pad, snapkv::parse_group_reduce(group_reduce),
-                                       snapkv::resolve_scale(scale, k.size(3)));
+                                       snapkv::resolve_scale(scale, k.size(3)), snapkv::resolve_softcap(softcap));
 }
 
 at::Tensor pool_scores(const at::Tensor& s, int64_t kernel_size, const std::string& pooling,
@@ -81,7 +84,7 @@ void compact_into(const at::Tensor& keys, const at::Tensor& values, const at::Te
 std::map<std::string, int64_t> window_scores_plan(int64_t B, int64_t Hkv, int64_t L, int64_t w, int64_t D,
                                                   int64_t G, int64_t elem_bytes, int sm_count, int64_t max_smem) {
   snapkv::ws::Plan p;
-  const bool ok = snapkv::ws::plan_window_scores(B, Hkv, L, w, D, G, elem_bytes, true, 1.f, sm_count,
+  const bool ok = snapkv::ws::plan_window_scores(B, Hkv, L, w, D, G, elem_bytes, true, 1.f, 0.f, sm_count,
                                                  static_cast<size_t>(max_smem), &p);
   if (!ok) return {{"ok", 0}};
   return {{"ok", 1},
@@ -156,7 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure, py::arg("order") = "forward", py::arg("workers") = 2, py::arg("sm_count") = 132,
         py::arg("max_smem") = 227 * 1024);
   m.def("window_scores", &window_scores, py::arg("q_window"), py::arg("keys"), py::arg("pad_lengths") = py::none(),
-        py::arg("group_reduce") = "mean", py::arg("scale") = py::none());
+        py::arg("group_reduce") = "mean", py::arg("scale") = py::none(), py::arg("softcap") = py::none());
   m.def("pool_scores", &pool_scores, py::arg("scores"), py::arg("kernel_size"), py::arg("pooling") = "max",
         py::arg("pad_lengths") = py::none());
   m.def("select_topk", &select_topk);

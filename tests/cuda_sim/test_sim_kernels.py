@@ -115,6 +115,46 @@ def test_window_scores_scale_and_orders():
     assert (out - want).abs().max() <= 2 * (fp32 - want).abs().max() + 1e-9 + 1e-6 * want.abs().max()
 
 
+# Soft-capped logits (Gemma 2): the kernels built with the cap, both passes. Register-resident
+# queries (16-bit, a 128-row block, D <= 128), shared-memory queries (fewer rows, or D > 128),
+# float32's 3xTF32; odd head dims, several row blocks, padding. Queries large enough that a cap
+# of 5 bends most logits.
+# (B, H_q, H_kv, w, L, D, dtype, pad, group_reduce, softcap)
+WS_SOFTCAP_CASES = [
+    (2, 8, 2, 32, 300, 128, torch.bfloat16, [0, 37], "mean", 5.0),  # 128 rows: resident
+    (1, 16, 2, 32, 1025, 96, torch.float16, None, "max", 20.0),    # 256 rows: resident, two row blocks
+    (1, 3, 1, 16, 17, 65, torch.bfloat16, None, "mean", 5.0),      # 48 rows in shared memory, D % 16 != 0
+    (1, 8, 1, 16, 200, 256, torch.bfloat16, [11], "sum", 5.0),     # D > 128: shared-memory queries
+    (2, 4, 1, 16, 129, 96, torch.float32, [3, 113], "sum", 5.0),   # 3xTF32
+    (1, 3, 3, 40, 201, 65, torch.float32, [161], "max", 50.0),     # 3xTF32, head split across blocks
+    (1, 1, 1, 1, 2, 64, torch.float32, None, "mean", 5.0),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,w,L,D,dtype,pad,reduce,softcap", WS_SOFTCAP_CASES)
+def test_window_scores_softcap(B, Hq, Hkv, w, L, D, dtype, pad, reduce, softcap):
+    q = rand((B, Hq, w, D), dtype, L + D + 1, scale=4.0)
+    k = rand((B, Hkv, L, D), dtype, L * D + 1, scale=1.5)
+    p = None if pad is None else torch.tensor(pad)
+    out = both_orders(lambda: sim.window_scores(q, k, p, reduce, None, softcap))
+    assert_scores_close(out, q, k, p, reduce, softcap=softcap)
+
+
+@pytest.mark.parametrize("resident", ["1", "0"])
+def test_window_scores_softcap_changes_votes(monkeypatch, resident):
+    """The cap is applied to the scaled logit (scale 0.1 here) in the statistics and the votes
+    pass alike (one pass without it misses the reference), with the query fragments in
+    registers and in shared memory; it changes the votes and the selection."""
+    monkeypatch.setenv("SNAPKV_WS_RESIDENT", resident)
+    q = rand((1, 8, 16, 64), torch.bfloat16, 21, scale=4.0)
+    k = rand((1, 1, 400, 64), torch.bfloat16, 22, scale=2.0)
+    capped = sim.window_scores(q, k, None, "mean", 0.1, 5.0)
+    assert_scores_close(capped, q, k, None, "mean", scale=0.1, softcap=5.0)
+    plain = sim.window_scores(q, k, None, "mean", 0.1)
+    assert (capped - plain).abs().max() > 0.1 * plain.abs().max()
+    assert not torch.equal(sim.select_topk(capped, 64), sim.select_topk(plain, 64))
+
+
 def test_window_scores_unaligned_keys():
     """Keys whose rows are not 16-byte aligned take the plain-load path (no async copies)."""
     base = rand((1, 2, 300 * 64 + 1), torch.bfloat16, 5)
@@ -211,19 +251,19 @@ def test_compact_into_views(dtype, D, offset):
 
 
 # ---------------------------------------------------------------- the fused path
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_selection_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,softcap", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, 5.0)])
+def test_fused_selection_matches_reference(dtype, softcap):
     """Scores -> pool -> top-k -> compact on the simulated kernels keeps exactly what the float64
-    reference keeps (the scores are well separated at this size)."""
+    reference keeps (the scores are well separated at this size), with and without a cap."""
     B, Hq, Hkv, w, L, D, budget = 1, 4, 2, 16, 400, 64, 96
     q, k, v = rand((B, Hq, w, D), dtype, 7, scale=3.0), rand((B, Hkv, L, D), dtype, 8), rand((B, Hkv, L, D), dtype, 9)
-    scores = sim.window_scores(q, k, None, "mean", None)
+    scores = sim.window_scores(q, k, None, "mean", None, softcap)
     pooled = sim.pool_scores(scores, 7, "max", None)
     idx = sim.select_topk(pooled, budget - w)
     ko = torch.empty(B, Hkv, budget, D, dtype=dtype)
     vo = torch.empty_like(ko)
     sim.compact_into(k, v, idx, w, ko, vo)
-    want_k, want_v, want_pos = ref.snapkv_compress(q, k, v, budget, 7, "max")
+    want_k, want_v, want_pos = ref.snapkv_compress(q, k, v, budget, 7, "max", softcap=softcap)
     assert torch.equal(idx, want_pos[..., : budget - w])
     assert torch.equal(ko, want_k) and torch.equal(vo, want_v)
 
