@@ -52,6 +52,7 @@ CONFIGS = {
     "mistral-7b": (32, 8, 128),
     "lwm-7b": (32, 32, 128),
     "qwen2-7b": (28, 4, 128),
+    "gemma2-9b": (16, 8, 256),
 }
 
 
@@ -61,11 +62,14 @@ def repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, :, None].expand(B, H, group, L, D).reshape(B, H * group, L, D)
 
 
-def torch_scores(q, k):
-    """[B, H_q, L - w] window votes per query head, as the public implementations compute them."""
+def torch_scores(q, k, softcap=None):
+    """[B, H_q, L - w] window votes per query head, as the public implementations compute them
+    (with Gemma 2's soft-cap, as its eager attention applies it, when given)."""
     w, D = q.shape[2], q.shape[3]
     kr = repeat_kv(k, q.shape[1] // k.shape[1])
     attn = torch.matmul(q, kr.transpose(2, 3)) / math.sqrt(D)
+    if softcap is not None:
+        attn = torch.tanh(attn / softcap) * softcap
     causal = torch.full((w, w), torch.finfo(attn.dtype).min, device=q.device).triu(1)
     attn[:, :, :, -w:] += causal
     attn = torch.softmax(attn, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -172,6 +176,9 @@ def make_cases(q, k, v, args):
     gidx = idx[..., None].expand(-1, -1, -1, D)
     cases = [
         ("window_scores", lambda: ops.window_scores(q, k), lambda: torch_scores(q, k)),
+        # Gemma 2's soft-capped logits (cap 50, as its configs): the cost of the cap.
+        ("window_scores_softcap", lambda: ops.window_scores(q, k, softcap=50.0),
+         lambda: torch_scores(q, k, softcap=50.0)),
         ("pool_scores", lambda: ops.pool_scores(s_ours, ks, "max"),
          lambda: F.max_pool1d(s_ours, ks, stride=1, padding=ks // 2)),
         ("select_topk", lambda: ops.select_topk(pooled, C - w),
@@ -287,7 +294,7 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     p.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384, 32768])
     p.add_argument("--ops", nargs="*", default=None,
-                   help="subset of window_scores pool_scores select_topk compact fused fused_into")
+                   help="subset of window_scores window_scores_softcap pool_scores select_topk compact fused fused_into")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--window-size", type=int, default=32)
     p.add_argument("--max-capacity-prompt", type=int, default=2048)

@@ -39,19 +39,25 @@ struct ExpF {
 // Attention logit soft-capping (Gemma 2): softcap * tanh(x / softcap) of the scaled logit x,
 // before the mask and the softmax, as Transformers' eager attention does. The ops take
 // `softcap=None` for no cap, held as 0 inside; the kernels pick their capped or uncapped loops
-// once, outside the per-element work, so only softcap > 0 reaches this. tanh is Cephes' tanhf
-// (an odd polynomial below 0.625, else 1 - 2 / (exp(2|y|) + 1); a few ulp), branch-free so
-// that a CPU loop over it vectorises; NaN stays NaN, +-inf logits give +-softcap.
+// once, outside the per-element work, so only softcap > 0 reaches this.
+// tanh, branch-free so that a CPU loop vectorises it (libm's tanhf does not: 2.7-5.8x slower):
+// below |y| = 0.4 its Taylor series to y^15 (the next term is < 1e-9 relative there), above it
+// 1 - 2 / (exp(2|y|) + 1). Within 4 ulp of float64 tanh; NaN stays NaN, +-inf gives +-softcap.
 template <typename Exp = ExpF>
 SNAPKV_HD float softcap_logit(float x, float softcap, Exp exp = Exp()) {
   const float y = x / softcap;
   const float a = fabsf(y);
   const float z = y * y;
-  const float poly =
-      ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z -
-       3.33332819422e-1f) * z * y + y;
+  float series = -929569.f / 638512875.f;
+  series = series * z + 21844.f / 6081075.f;
+  series = series * z - 1382.f / 155925.f;
+  series = series * z + 62.f / 2835.f;
+  series = series * z - 17.f / 315.f;
+  series = series * z + 2.f / 15.f;
+  series = series * z - 1.f / 3.f;
+  series = (series * z + 1.f) * y;
   const float tail = copysignf(1.f - 2.f / (exp(2.f * a) + 1.f), y);
-  return softcap * (a < 0.625f ? poly : tail);
+  return softcap * (a < 0.4f ? series : tail);
 }
 
 // Running softmax statistics of one row: max `m` and sum of exp(x - m) `l`.

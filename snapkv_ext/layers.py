@@ -151,9 +151,8 @@ class SnapKVLayer(CacheLayerMixin):
             if not bool((pad > 0).any()):
                 pad = None
         fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
-        logit = {"scale": att.scale} if att.softcap is None else {"scale": att.scale, "softcap": att.softcap}
         return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity, keys_out, values_out,
-                  cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, **logit)
+                  cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, scale=att.scale, softcap=att.softcap)
 
     def _map_buffers(self, fn) -> None:
         """Apply fn (a batch reindexing) to the key, value and position buffers."""
