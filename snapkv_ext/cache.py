@@ -147,8 +147,8 @@ class SnapKVCache(Cache):
         if not isinstance(layer, SnapKVLayer):
             return
         n = hidden_states.shape[1]
-        capacity = layer.selection_capacity(n)
-        if not capacity:
+        max_capacity_prompt = layer.selects(n)
+        if not max_capacity_prompt:
             return
         if position_embeddings is None:
             raise ValueError(f"SnapKVCache: {type(module).__name__} was called without position_embeddings")
@@ -156,7 +156,7 @@ class SnapKVCache(Cache):
             q = layer.observation_queries(hidden_states, position_embeddings)
             pad = masked_prefix(attention_mask, hidden_states.shape[0], layer.visible_length() + n,
                                 hidden_states.device)
-        layer.expect_selection(PendingSelection(q, pad, capacity))
+        layer.expect_selection(PendingSelection(q, pad, max_capacity_prompt))
 
     # -- reporting
     @property

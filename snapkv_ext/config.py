@@ -66,7 +66,7 @@ class SnapKVConfig:
         if not isinstance(self.decode_reserve, int) or self.decode_reserve < 0:
             bad(f"decode_reserve must be a non-negative integer, got {self.decode_reserve!r}")
 
-    def max_capacity_for(self, prompt_length: int) -> int:
+    def max_capacity_prompt_for(self, prompt_length: int) -> int:
         """Kept entries per KV head for a prompt of ``prompt_length`` tokens (window included)."""
         if self.compression_ratio is None:
             return self.max_capacity_prompt

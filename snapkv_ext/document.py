@@ -65,11 +65,11 @@ class DocumentLayer(SnapKVLayer):
     def visible_length(self) -> int:
         return self.physical + (self.backing[0].shape[2] if self.backing is not None else 0)
 
-    def selection_capacity(self, n: int) -> int:
+    def selects(self, n: int) -> int:
         if self.backing is None:
-            return super().selection_capacity(n)
+            return super().selects(n)
         total = self.logical + n
-        cap = self.config.max_capacity_for(total)
+        cap = self.config.max_capacity_prompt_for(total)
         return cap if total > cap else 0
 
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:

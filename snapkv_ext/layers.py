@@ -25,7 +25,7 @@ class PendingSelection(NamedTuple):
 
     q_window: Tensor  # [B, H_q, w, D] post-RoPE queries of the observation window
     pad_lengths: Optional[Tensor]  # [B] int64 left padding of each row, or None
-    max_capacity: int  # kept entries per KV head, window included
+    max_capacity_prompt: int  # kept entries per KV head, window included
 
 
 class PrefillMemory:
@@ -48,7 +48,7 @@ def _check_batch(held: Optional[Tensor], B: int) -> None:
 
 
 class SnapKVLayer(CacheLayerMixin):
-    """A global layer compressed by SnapKV: a buffer ``[B, H_kv, capacity, D]`` holding ``physical``
+    """A global layer compressed by SnapKV: a buffer ``[B, H_kv, allocated, D]`` holding ``physical``
     entries whose logical positions are ``positions [B, H_kv, physical]``; ``logical`` tokens seen."""
 
     is_compileable = False
@@ -70,18 +70,18 @@ class SnapKVLayer(CacheLayerMixin):
         self._pending: Optional[PendingSelection] = None
 
     # -- what the pre-attention hook asks and gives
-    def selection_capacity(self, n: int) -> int:
+    def selects(self, n: int) -> int:
         """The kept entries per KV head if appending ``n`` tokens selects, else 0. A first prefill
         selects when it exceeds the budget (otherwise the cache is exact); a later prefill (a new
         turn) re-selects when recompress is on, it is longer than the window, and the cache would
         exceed the budget."""
         cfg = self.config
         if self.physical == 0:
-            cap = cfg.max_capacity_for(n)
+            cap = cfg.max_capacity_prompt_for(n)
             return cap if n > cap else 0
         if n == 1 or not cfg.recompress or n <= cfg.window_size:
             return 0
-        cap = cfg.max_capacity_for(self.logical + n)
+        cap = cfg.max_capacity_prompt_for(self.logical + n)
         return cap if self.physical + n > cap else 0
 
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
@@ -130,7 +130,7 @@ class SnapKVLayer(CacheLayerMixin):
     def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: PendingSelection) -> None:
         """Make SnapKV's selection from (k_all, v_all) the whole content: compressed straight into
         the new buffers (no temporary of the compressed size), with room for decode_reserve more."""
-        n = min(k_all.shape[2], pending.max_capacity)
+        n = min(k_all.shape[2], pending.max_capacity_prompt)
         self._allocate(k_all, n + self.config.decode_reserve)
         kept = self._compress_into(pending, k_all, v_all, self._kbuf[:, :, :n], self._vbuf[:, :, :n])
         self._pbuf[:, :, :n].copy_(pos_all.gather(2, kept))
@@ -151,7 +151,7 @@ class SnapKVLayer(CacheLayerMixin):
             if not bool((pad > 0).any()):
                 pad = None
         fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
-        return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity, keys_out, values_out,
+        return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity_prompt, keys_out, values_out,
                   cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, scale=att.scale, softcap=att.softcap)
 
     def _map_buffers(self, fn) -> None:
@@ -179,7 +179,7 @@ class SnapKVLayer(CacheLayerMixin):
     # -- the Cache API
     def _take_pending(self, n: int) -> Optional[PendingSelection]:
         pending, self._pending = self._pending, None
-        if pending is None and self.selection_capacity(n):
+        if pending is None and self.selects(n):
             # The pre-attention hook did not run: the model is not the one the cache was made for.
             raise ValueError(f"this SnapKVCache was built for another model ({self._model_name}); create one per model")
         return pending

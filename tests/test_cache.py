@@ -232,7 +232,7 @@ def test_one_budget_default():
     """The default budget lives in one place: a ratio alone is a complete setting."""
     assert SnapKVConfig().max_capacity_prompt == 1024
     cfg = SnapKVConfig(compression_ratio=0.25)
-    assert cfg.max_capacity_prompt is None and cfg.max_capacity_for(400) == 100
+    assert cfg.max_capacity_prompt is None and cfg.max_capacity_prompt_for(400) == 100
     c = SnapKVCache(tiny_model("llama"), compression_ratio=0.25, window_size=8)
     assert c.config == SnapKVConfig(compression_ratio=0.25, window_size=8)
 
