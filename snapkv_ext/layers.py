@@ -47,7 +47,28 @@ def _check_batch(held: Optional[Tensor], B: int) -> None:
                          "use a new cache (or cache.reset()) for a new batch")
 
 
-class SnapKVLayer(CacheLayerMixin):
+class _ReindexableLayer(CacheLayerMixin):
+    """What both layer kinds share: lazy initialisation, and the batch reindexing generate() asks
+    for (beam search, repeated rows, dropped rows) through the subclass's _map_buffers."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def _map_buffers(self, fn) -> None:  # pragma: no cover - every layer kind defines it
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_buffers(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_buffers(lambda t: t[indices])
+
+
+class SnapKVLayer(_ReindexableLayer):
     """A global layer compressed by SnapKV: a buffer ``[B, H_kv, allocated, D]`` holding ``physical``
     entries whose logical positions are ``positions [B, H_kv, physical]``; ``logical`` tokens seen."""
 
@@ -96,10 +117,6 @@ class SnapKVLayer(CacheLayerMixin):
         return self.physical
 
     # -- storage
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
-
     def _allocate(self, like: Tensor, n: int) -> None:
         """Fresh, empty buffers for n entries shaped like `like` [B, H_kv, *, D]."""
         B, H, _, D = like.shape
@@ -234,17 +251,6 @@ class SnapKVLayer(CacheLayerMixin):
         self.is_initialized = False
         self.compressions = 0
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.physical > 0:
-            idx = beam_idx.to(self._kbuf.device)
-            self._map_buffers(lambda t: t.index_select(0, idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_buffers(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._map_buffers(lambda t: t[indices])
-
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SnapKVCache cannot be cropped: compressed entries cannot be restored")
 
@@ -263,7 +269,7 @@ class SnapKVLayer(CacheLayerMixin):
         return 0 if self._kbuf is None else 2 * self._kbuf.numel() * self._kbuf.element_size()
 
 
-class SlidingWindowLayer(CacheLayerMixin):
+class SlidingWindowLayer(_ReindexableLayer):
     """A sliding-window layer: keeps exactly the last ``sliding_window - 1`` entries, all the next
     token can see, as Transformers' own sliding layers do; never compressed, never more."""
 
@@ -278,10 +284,6 @@ class SlidingWindowLayer(CacheLayerMixin):
         self._memory = memory
         self.logical = 0
         self.keys = self.values = None
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def preload(self, keys: Tensor, values: Tensor, logical: int) -> None:
         """Start from the last entries ``[B, H_kv, <= sliding_window - 1, D]`` of a ``logical``-token
@@ -335,20 +337,9 @@ class SlidingWindowLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def _map(self, fn) -> None:
+    def _map_buffers(self, fn) -> None:
         if self.keys is not None:
             self.keys, self.values = fn(self.keys), fn(self.values)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.keys is not None:
-            idx = beam_idx.to(self.keys.device)
-            self._map(lambda t: t.index_select(0, idx))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._map(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SnapKVCache cannot be cropped: a sliding layer no longer holds what it slid past")
