@@ -4,6 +4,7 @@
     snapkv-ext generate --file DOC ...   answer a question about any text file
     snapkv-ext bench                     decoding speed and KV memory against prompt length (JSON + PNG)
     snapkv-ext eval needle               needle-in-a-haystack heatmaps (JSON + PNG)
+    snapkv-ext eval ruler                RULER via lm-eval (the lm-eval extra): full vs SnapKV (JSON + PNG)
 """
 from __future__ import annotations
 
@@ -251,6 +252,67 @@ def cmd_eval_needle(args) -> int:
     return 0
 
 
+def cmd_eval_ruler(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("eval ruler needs lm-eval: pip install 'snapkv-ext[lm-eval]'")
+    from .ruler import MIN_LENGTH, plot_ruler, ruler_eval, settings_from, table
+
+    _check_settings(args)
+    for n in args.lengths:
+        if n < MIN_LENGTH:
+            raise UserError(f"--lengths: {n} is too short for RULER's data (at least {MIN_LENGTH} tokens)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be a positive integer, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.gguf_file and args.model is None:
+        raise UserError("--gguf-file needs --model DIR (the folder holding the file)")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise UserError(f"--model: no such directory: {args.model}")
+    if args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+        raise UserError(f"--gguf-file: {args.gguf_file} not found in {args.model}")
+    _setup(args)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the offline tasks need nothing from the Hub; never download
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    settings = settings_from(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
+                             args.pooling)
+    import datetime
+    import platform
+
+    import lm_eval
+    import transformers
+
+    from ..lm_eval import ModelArgError, SnapKVLM
+
+    try:
+        lm = SnapKVLM(pretrained=args.model or "smollm2", gguf_file=args.gguf_file, device=args.device,
+                      dtype=args.dtype, batch_size=args.batch_size, full_cache=True)
+    except ModelArgError as e:
+        raise UserError(str(e))
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
+    _check_context(lm.model, args)
+    res = ruler_eval(lm, args.tasks, args.lengths, settings, args.limit, seed=args.seed,
+                     apply_chat_template=args.apply_chat_template, progress=True)
+    res.update(model=args.model or "SmolLM2-135M-Instruct (embedded GGUF)", gguf_file=args.gguf_file,
+               device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+               date=datetime.datetime.now().isoformat(timespec="seconds"),
+               command="snapkv-ext " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("snapkv-ext", "__main__.py"))
+               else None, lm_eval=lm_eval.__version__, torch=__import__("torch").__version__,
+               transformers=transformers.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+               threads=__import__("torch").get_num_threads())
+    path = os.path.join(args.out, "ruler.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    png = plot_ruler(res, os.path.join(args.out, "ruler.png"))
+    print(table(res))
+    print(f"\n{res['total_s'] / 60:.1f} min; wrote {path} and {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: each setting has one name (SnapKVConfig's), not also its prefixes.
     p = argparse.ArgumentParser(prog="snapkv-ext", description="SnapKV KV-cache compression: demo, generation, "
@@ -301,6 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--kernel-size", type=int, default=5)
     n.add_argument("--pooling", default="max", choices=["max", "avg"])
     n.set_defaults(func=cmd_eval_needle)
+
+    from .ruler import DOWNLOAD_TASKS, OFFLINE_TASKS
+
+    r = esub.add_parser("ruler", help="RULER (lm-eval's offline synthetic tasks): full cache vs SnapKV per length",
+                        allow_abbrev=False,
+                        description="RULER through lm-eval (pip install 'snapkv-ext[lm-eval]'): each task at each "
+                        "length, the full cache beside each SnapKV setting; ruler.json, ruler.png and a table. "
+                        "The tasks that need downloads (" + ", ".join(DOWNLOAD_TASKS) + ") are not offered.")
+    _common(r)
+    r.add_argument("--tasks", nargs="+", default=list(OFFLINE_TASKS), choices=OFFLINE_TASKS, metavar="TASK",
+                   help="RULER tasks (default: all offline ones: %(default)s)")
+    r.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
+    r.add_argument("--limit", type=int, default=2,
+                   help="samples per task and length (default %(default)s; each takes 30-50 s per setting at 4K "
+                        "with SmolLM2 on 2 CPU cores)")
+    r.add_argument("--max-capacity-prompts", type=int, nargs="*", default=[],
+                   help="one SnapKV setting per --max-capacity-prompt value")
+    r.add_argument("--compression-ratios", type=float, nargs="*", default=[0.5, 0.25, 0.1],
+                   help="one SnapKV setting per --compression-ratio value (default %(default)s)")
+    r.add_argument("--window-size", type=int, default=32)
+    r.add_argument("--kernel-size", type=int, default=7)
+    r.add_argument("--pooling", default="max", choices=["max", "avg"])
+    r.add_argument("--batch-size", type=int, default=1)
+    r.add_argument("--apply-chat-template", action="store_true",
+                   help="wrap each prompt in the model's chat template (lm-eval's --apply_chat_template)")
+    r.set_defaults(func=cmd_eval_ruler)
     return p
 
 
