@@ -145,3 +145,14 @@ def attention_layers(model: torch.nn.Module) -> List[AttentionLayer]:
     if [a.layer_idx for a in layers] != list(range(len(layers))):
         raise unsupported(name, f"its attention layers are numbered {[a.layer_idx for a in layers]}, not 0..n-1")
     return layers
+
+
+def decoder_layers(model: torch.nn.Module, attention: Optional[List[AttentionLayer]] = None) -> torch.nn.ModuleList:
+    """The ``ModuleList`` of decoder layers: the i-th holds the attention module of layer i (every
+    family here: ``model.model.layers``, found by structure, not by name)."""
+    attention = attention_layers(model) if attention is None else attention
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == len(attention) and all(
+                any(sub is a.module for sub in layer.modules()) for layer, a in zip(m, attention)):
+            return m
+    raise unsupported(type(model).__name__, "no list of decoder layers holding its attention modules in order")

@@ -89,6 +89,9 @@ class SnapKVLayer(_ReindexableLayer):
         self.positions: Optional[Tensor] = None
         self._kbuf = self._vbuf = self._pbuf = None
         self._pending: Optional[PendingSelection] = None
+        # Layer-major chunked prefill (snapkv_ext.prefill): the whole prompt's length while its
+        # chunks arrive; the layer holds them all, and selects when the last one is in.
+        self.prompt_length: Optional[int] = None
 
     # -- what the pre-attention hook asks and gives
     def selects(self, n: int) -> int:
@@ -97,6 +100,11 @@ class SnapKVLayer(_ReindexableLayer):
         turn) re-selects when recompress is on, it is longer than the window, and the cache would
         exceed the budget."""
         cfg = self.config
+        if self.prompt_length is not None:
+            if self.logical + n < self.prompt_length:
+                return 0
+            cap = cfg.max_capacity_prompt_for(self.prompt_length)
+            return cap if self.prompt_length > cap else 0
         if self.physical == 0:
             cap = cfg.max_capacity_prompt_for(n)
             return cap if n > cap else 0
@@ -207,6 +215,8 @@ class SnapKVLayer(_ReindexableLayer):
         n = key_states.shape[2]
         _check_batch(self._kbuf if self.physical > 0 else None, key_states.shape[0])
         pending = self._take_pending(n)
+        if self.prompt_length is not None:
+            return self._update_chunk(key_states, value_states, pending)
         if self.physical == 0:
             return self._select(key_states, value_states, self._new_positions(key_states), pending, n)
         if pending is not None:
@@ -219,6 +229,32 @@ class SnapKVLayer(_ReindexableLayer):
         self._append(key_states, value_states)
         self.logical += n
         return self.keys, self.values
+
+    def begin_chunks(self, prompt_length: int) -> None:
+        """Expect a ``prompt_length``-token prompt in chunks (layer-major prefill): hold every chunk
+        in one buffer of the prompt's size, and select over all of it, with the last chunk's
+        window, when the last chunk arrives: exactly what one update with the whole prompt keeps."""
+        if self.logical:
+            raise ValueError("chunked prefill needs an empty cache (cache.reset() first)")
+        self.prompt_length = prompt_length
+
+    def _update_chunk(self, k: Tensor, v: Tensor, pending: Optional[PendingSelection]) -> Tuple[Tensor, Tensor]:
+        total, n = self.prompt_length, k.shape[2]
+        if self.logical + n > total:
+            raise ValueError(f"chunked prefill: {self.logical + n} tokens arrived for a {total}-token prompt")
+        if self.logical == 0:
+            self._allocate(k, total + self.config.decode_reserve)
+        self._write(k, v, self._new_positions(k))
+        self.logical += n
+        k_all, v_all = self.keys, self.values
+        if self.logical == total:
+            self.prompt_length = None
+            if pending is not None:  # the full buffer is freed once this chunk's attention is done
+                self._store_selection(k_all, v_all, self.positions, pending)
+                self._memory.record(k_all, v_all)
+                return k_all, v_all
+        self._memory.record(k_all[:, :, :0])  # the held buffer is the whole layer: counted as held
+        return k_all, v_all
 
     def _select(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: Optional[PendingSelection],
                 logical: int) -> Tuple[Tensor, Tensor]:
@@ -248,6 +284,7 @@ class SnapKVLayer(_ReindexableLayer):
         self.physical = self.logical = 0
         self.positions = self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
         self._pending = None
+        self.prompt_length = None
         self.is_initialized = False
         self.compressions = 0
 
