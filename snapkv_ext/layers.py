@@ -250,8 +250,9 @@ class SnapKVLayer(_ReindexableLayer):
         if self.logical == total:
             self.prompt_length = None
             if pending is not None:  # the full buffer is freed once this chunk's attention is done
+                full = (self._kbuf, self._vbuf)
                 self._store_selection(k_all, v_all, self.positions, pending)
-                self._memory.record(k_all, v_all)
+                self._memory.record(*full)
                 return k_all, v_all
         self._memory.record(k_all[:, :, :0])  # the held buffer is the whole layer: counted as held
         return k_all, v_all

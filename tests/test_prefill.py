@@ -1,0 +1,212 @@
+"""Layer-major chunked prefill (snapkv_ext.prefill): the cache it leaves equals one-shot SnapKV,
+layer by layer, for every family; the logits and the tokens generated after it equal one-shot's;
+memory arithmetic; every bad input refused in one line, with the model and cache left usable."""
+import pytest
+import torch
+
+from conftest import greedy, left_pad, prompt
+from snapkv_ext import SnapKVCache
+from snapkv_ext.cache import cache_kwargs
+from snapkv_ext.document import SnapKVDocument
+from snapkv_ext.layers import SnapKVLayer
+from snapkv_ext.prefill import chunk_spans, prefill, prefill_memory
+from snapkv_ext.tools.models import TINY_CONFIGS, tiny_model
+
+SETTINGS = dict(max_capacity_prompt=64, window_size=16, kernel_size=5)
+
+
+def one_shot(model, ids, mask=None, **settings):
+    cache = SnapKVCache(model, **(settings or SETTINGS))
+    kw = {} if mask is None else dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1))
+    with torch.no_grad():
+        logits = model(ids, use_cache=True, logits_to_keep=1, **kw, **cache_kwargs(model, cache)).logits[:, -1]
+    return cache, logits
+
+
+def assert_same_cache(a, b):
+    assert a.get_seq_length() == b.get_seq_length()
+    for i, (x, y) in enumerate(zip(a.layers, b.layers)):
+        assert x.held_entries() == y.held_entries(), f"layer {i}"
+        px, py = x.positions.sort(-1), y.positions.sort(-1)
+        assert torch.equal(px.values, py.values), f"layer {i}: kept positions differ"
+        kx = x.keys.gather(2, px.indices[..., None].expand(-1, -1, -1, x.keys.shape[-1]))
+        ky = y.keys.gather(2, py.indices[..., None].expand(-1, -1, -1, y.keys.shape[-1]))
+        torch.testing.assert_close(kx, ky, rtol=1e-4, atol=1e-5)
+
+
+# 290: the last chunk gives way to the window; 512: one chunk
+CASES = [(arch, 300, 70) for arch in sorted(TINY_CONFIGS)] + [
+    (arch, L, chunk) for arch in ("llama", "qwen2-sliding", "gemma2") for L, chunk in ((290, 70), (300, 512))]
+
+
+@pytest.mark.filterwarnings("ignore:SnapKVCache. every layer")
+@pytest.mark.parametrize("arch,L,chunk", CASES)
+def test_same_selection_and_logits_as_one_shot(arch, L, chunk):
+    model = tiny_model(arch, layers=3)
+    ids = prompt(L, batch=2, seed=L)
+    ref, ref_logits = one_shot(model, ids)
+    cache = SnapKVCache(model, **SETTINGS)
+    logits = prefill(model, ids, cache, chunk_size=chunk)
+    assert_same_cache(ref, cache)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert cache.stats()["compressions"] == ref.stats()["compressions"]
+
+
+def test_chunk_spans():
+    assert chunk_spans(300, 70, 16) == [(0, 70), (70, 140), (140, 210), (210, 280), (280, 300)]
+    assert chunk_spans(290, 70, 16) == [(0, 70), (70, 140), (140, 210), (210, 274), (274, 290)]
+    assert chunk_spans(50, 70, 16) == [(0, 50)]
+    assert chunk_spans(140, 70, 16) == [(0, 70), (70, 140)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_generate_continues_exactly(arch):
+    """prefill, then model.generate on the prompt plus the first token: the tokens of one-shot
+    SnapKV generate(), for a left-padded batch (each row as if alone)."""
+    model = tiny_model(arch, layers=3)
+    ids, mask = left_pad([prompt(260, seed=1), prompt(200, seed=2)])
+    want = greedy(model, ids, SnapKVCache(model, **SETTINGS), n=10, attention_mask=mask)
+    cache = SnapKVCache(model, **SETTINGS)
+    logits = prefill(model, ids, cache, chunk_size=64, attention_mask=mask)
+    first = logits.argmax(-1, keepdim=True)
+    rest = greedy(model, torch.cat([ids, first], 1), cache, n=9,
+                  attention_mask=torch.cat([mask, torch.ones_like(first)], 1))
+    assert torch.equal(torch.cat([first, rest], 1), want)
+
+
+def test_compression_ratio_counts_the_whole_prompt():
+    model = tiny_model("llama", layers=2)
+    ids = prompt(400)
+    ref, _ = one_shot(model, ids, compression_ratio=0.25, window_size=16)
+    cache = SnapKVCache(model, compression_ratio=0.25, window_size=16)
+    prefill(model, ids, cache, chunk_size=100)
+    assert cache.stats()["physical_length"] == [100, 100]
+    assert_same_cache(ref, cache)
+
+
+def test_prompt_within_budget_is_kept_whole():
+    model = tiny_model("llama", layers=2)
+    ids = prompt(60)
+    cache = SnapKVCache(model, **SETTINGS)
+    prefill(model, ids, cache, chunk_size=16)
+    assert cache.stats()["physical_length"] == [60, 60] and cache.stats()["compressions"] == [0, 0]
+    assert torch.equal(cache.kept_positions(0)[0, 0], torch.arange(60))
+
+
+def test_memory_arithmetic_matches_what_is_held():
+    """The compressed cache part is what the cache allocates, to the byte; the prefill peak the cache
+    records (all layers held + the one full layer in flight) is within the formula's cache + layer_kv."""
+    model = tiny_model("llama", layers=3)
+    ids = prompt(500, batch=2)
+    cache = SnapKVCache(model, **SETTINGS)
+    parts = prefill_memory(model, cache, 2, 500, 128)
+    prefill(model, ids, cache, chunk_size=128)
+    st = cache.stats()
+    assert st["allocated_bytes"] == parts["cache"]
+    per_entry = 2 * 2 * 2 * 16 * 4  # k+v, batch, KV heads, head_dim, float32
+    assert parts["layer_kv"] == per_entry * (500 + SETTINGS.get("decode_reserve", 128))
+    assert parts["hidden"] == 2 * 500 * 64 * 4
+    assert st["peak_prefill_bytes"] == parts["cache"] + parts["layer_kv"]
+
+
+def test_not_enough_memory_is_refused_before_starting(monkeypatch):
+    import snapkv_ext.prefill as pf
+
+    model = tiny_model("llama", layers=2)
+    cache = SnapKVCache(model, **SETTINGS)
+    monkeypatch.setattr(pf, "_free_bytes", lambda device: 1000)
+    with pytest.raises(MemoryError, match=r"prefill of 300 tokens needs about .* but 0.00 GiB is free") as e:
+        prefill(model, prompt(300), cache, chunk_size=64)
+    assert "\n" not in str(e.value)
+    assert cache.get_seq_length() == 0
+    prefill(model, prompt(300), cache, chunk_size=64, check_memory=False)
+    assert cache.get_seq_length() == 300
+
+
+def test_longer_than_the_model_allows():
+    model = tiny_model("llama", layers=2)
+    model.config.max_position_embeddings = 256
+    with pytest.raises(ValueError, match=r"300 tokens, more than the model's max_position_embeddings \(256\); "
+                                         "pass allow_longer=True"):
+        prefill(model, prompt(300), SnapKVCache(model, **SETTINGS))
+    ref, ref_logits = one_shot(model, prompt(300))
+    cache = SnapKVCache(model, **SETTINGS)
+    logits = prefill(model, prompt(300), cache, chunk_size=100, allow_longer=True)
+    assert_same_cache(ref, cache)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_one_line_and_nothing_changed():
+    model = tiny_model("llama", layers=2)
+    other = tiny_model("llama", layers=2)
+    ids = prompt(100)
+    layers_before = list(model.model.layers)
+    cases = [
+        (dict(chunk_size=0), "chunk_size must be a positive integer, got 0"),
+        (dict(chunk_size=8), "chunk_size must be at least window_size (16)"),
+        (dict(cache=SnapKVCache(other, **SETTINGS)), "built for another model"),
+        (dict(input_ids=ids.float()), "input_ids must be a [batch, length] int64 tensor"),
+        (dict(input_ids=ids[0]), "input_ids must be a [batch, length] int64 tensor"),
+        (dict(attention_mask=torch.ones(1, 99)), "attention_mask must be [batch, length] = (1, 100)"),
+        (dict(attention_mask=torch.cat([torch.ones(1, 90), torch.zeros(1, 10)], 1)), "left padding only"),
+        (dict(cache=torch.zeros(1)), "cache must be a SnapKVCache, got Tensor"),
+    ]
+    for kw, message in cases:
+        args = dict(input_ids=ids, cache=SnapKVCache(model, **SETTINGS), chunk_size=32)
+        args.update(kw)
+        with pytest.raises(ValueError) as e:
+            prefill(model, args.pop("input_ids"), args.pop("cache"), **args)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    used = SnapKVCache(model, **SETTINGS)
+    prefill(model, ids, used, chunk_size=32)
+    with pytest.raises(ValueError, match="prefill needs an empty cache"):
+        prefill(model, ids, used, chunk_size=32)
+    doc = SnapKVDocument(model, ids, **SETTINGS)
+    with pytest.raises(ValueError, match="cache must be a SnapKVCache, got DocumentCache"):
+        prefill(model, prompt(20), doc.cache_for(), chunk_size=32)
+    assert list(model.model.layers) == layers_before
+
+
+def test_error_midway_restores_the_model_and_empties_the_cache():
+    model = tiny_model("llama", layers=3)
+    ids = prompt(200)
+    layers_before = list(model.model.layers)
+    cache = SnapKVCache(model, **SETTINGS)
+
+    def stop(layer, done, total):
+        if layer == 1 and done > 64:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prefill(model, ids, cache, chunk_size=64, progress=stop)
+    assert list(model.model.layers) == layers_before
+    assert cache.get_seq_length() == 0 and all(lay.held_entries() == 0 for lay in cache.layers)
+    assert all(lay.prompt_length is None for lay in cache.layers if isinstance(lay, SnapKVLayer))
+    # the same cache and model work afterwards, exactly
+    seen = []
+    logits = prefill(model, ids, cache, chunk_size=64, progress=lambda *a: seen.append(a))
+    ref, ref_logits = one_shot(model, ids)
+    assert_same_cache(ref, cache)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    assert seen == [(i, e, 200) for i in range(3) for e in (64, 128, 184, 200)]  # the last chunk holds the window
+
+
+def test_smollm2_same_as_one_shot():
+    from snapkv_ext.tools.haystack import chat_ids, needle_case
+    from snapkv_ext.tools.models import smollm2
+
+    model, tok = smollm2()
+    case = needle_case(tok, 1500, 0.4, seed=3)
+    ids = chat_ids(tok, case.prompt)
+    settings = dict(max_capacity_prompt=256, window_size=32, kernel_size=7)
+    ref = SnapKVCache(model, **settings)
+    want = greedy(model, ids, ref, n=8)
+    cache = SnapKVCache(model, **settings)
+    logits = prefill(model, ids, cache, chunk_size=512)
+    first = logits.argmax(-1, keepdim=True)
+    rest = greedy(model, torch.cat([ids, first], 1), cache, n=7)
+    assert torch.equal(torch.cat([first, rest], 1), want)
+    ref2, _ = one_shot(model, ids, **settings)
+    cache2 = SnapKVCache(model, **settings)
+    prefill(model, ids, cache2, chunk_size=512)
+    assert_same_cache(ref2, cache2)
