@@ -145,12 +145,13 @@ def _table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def _compare(model, tok, ids, methods, max_new_tokens, progress=True):
+def _compare(model, tok, ids, methods, max_new_tokens, progress=True, **generate_kwargs):
     from .evaluate import generate
 
     results = []
     for m in methods:
-        results.append((m, generate(model, tok, ids, m, max_new_tokens=max_new_tokens, progress=progress, label=m.name)))
+        results.append((m, generate(model, tok, ids, m, max_new_tokens=max_new_tokens, progress=progress, label=m.name,
+                                    **generate_kwargs)))
     rows = [["cache", "answer", "KV MB", "compression", "prefill s", "decode tok/s"]]
     for m, r in results:
         answer = " ".join(r.text.split())
@@ -199,20 +200,79 @@ def cmd_generate(args) -> int:
     if not doc.strip():
         raise UserError(f"--file: {args.file} is empty")
     _check_settings(args)
+    if args.chunk_size is not None and args.chunk_size < args.window_size:
+        raise UserError(f"--chunk-size must be at least --window-size ({args.window_size}): the last chunk holds "
+                        f"the observation window, got {args.chunk_size}")
+    if args.allow_longer and args.chunk_size is None:
+        raise UserError("--allow-longer needs --chunk-size (a one-shot prefill is bounded by the model's context)")
     _setup(args)
     model, tok = _load(args)
     question = args.question or "Summarize the text above in a few sentences."
     text = doc.strip() + "\n\n" + question
     ids = chat_ids(tok, text) if getattr(tok, "chat_template", None) else tok(text, return_tensors="pt")["input_ids"]
-    _check_context(model, args, ids.shape[1])
+    _check_context(model, args, None if args.allow_longer else ids.shape[1])
     from .evaluate import Method
 
     methods = [_method(args)] + ([Method.full()] if args.compare else [])
-    results, table = _compare(model, tok, ids, methods, args.max_new_tokens)
+    mem0 = _reset_peak_memory(args.device) if args.max_memory else None
+    try:
+        results, table = _compare(model, tok, ids, methods, args.max_new_tokens, chunk_size=args.chunk_size,
+                                  allow_longer=args.allow_longer)
+    except MemoryError as e:
+        raise UserError(str(e))
     for m, r in results:
         print(f"[{m.name}] {r.text.strip()}\n")
     print(table)
+    if args.max_memory:
+        print(_memory_report(args.device, mem0, results))
     return 0
+
+
+def _reset_peak_memory(device: str) -> int:
+    """Reset the process's peak memory counter (CUDA: allocated; CPU: resident); -> bytes in use now."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        return _proc_status("VmRSS")
+    except OSError:
+        return 0
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _memory_report(device: str, before: int, results) -> str:
+    """--max-memory: the peak over generation against what was in use before, and the layer-major
+    prefill's arithmetic (snapkv_ext.prefill.prefill_memory) where it ran."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        peak, what = torch.cuda.max_memory_allocated(), "allocated on the GPU"
+    else:
+        try:
+            peak, what = _proc_status("VmHWM"), "resident"
+        except OSError:
+            return "memory: not measurable on this system (no /proc)"
+    g = 2 ** 30
+    lines = [f"memory: peak {peak / g:.2f} GiB {what} ({before / g:.2f} GiB before generating, +{(peak - before) / g:.2f})"]
+    for m, r in results:
+        parts = r.extra.get("prefill_memory")
+        if parts:
+            lines.append(f"  {m.name} layer-major prefill, chunk {r.extra['chunk_size']}: expected +{parts['total'] / g:.2f} "
+                         f"GiB = hidden states {parts['hidden'] / g:.2f} + one layer's KV {parts['layer_kv'] / g:.2f} "
+                         f"+ compressed cache {parts['cache'] / g:.2f} + one chunk {parts['chunk'] / g:.2f}")
+    return "\n".join(lines)
 
 
 def cmd_bench(args) -> int:
@@ -334,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--question", default=None)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--compare", action="store_true", help="also answer with the full cache")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill SnapKV layer by layer in chunks of this many tokens (exact; memory bounded by "
+                        "one layer: for documents longer than one forward can hold)")
+    g.add_argument("--allow-longer", action="store_true",
+                   help="with --chunk-size: run a prompt longer than the model's context (max_position_embeddings)")
+    g.add_argument("--max-memory", action="store_true",
+                   help="report the peak memory, and the layer-major prefill's expected memory by part")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="decoding speed and KV memory against prompt length", allow_abbrev=False)

@@ -98,16 +98,48 @@ def _layer_progress(model, callback: Optional[Callable[[], None]]):
             h.remove()
 
 
+def _prefill_layer_major(model, ids, cache, chunk_size: int, progress: bool, label: str, allow_longer: bool):
+    """snapkv_ext.prefill with a bar over layers x tokens (tokens/s); -> (logits [B, 1, V], extra)."""
+    from ..prefill import prefill, prefill_memory
+
+    L = ids.shape[1]
+    n_layers = len(cache.layers)
+    parts = prefill_memory(model, cache, ids.shape[0], L, chunk_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_layers * L, desc=f"{label} layer-major prefill", unit="tok", unit_scale=True, leave=False)
+    done = [0]
+
+    def step(layer, end, total):
+        if bar is not None:
+            bar.set_description(f"{label} layer {layer + 1}/{n_layers}")
+            bar.update(layer * total + end - done[0])
+            done[0] = layer * total + end
+
+    try:
+        logits = prefill(model, ids, cache, chunk_size=chunk_size, allow_longer=allow_longer, progress=step)
+    finally:
+        if bar is not None:
+            bar.close()
+    return logits[:, None], dict(chunk_size=chunk_size, prefill_memory=parts)
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_tokens: int = 32,
-             progress: bool = False, label: str = "") -> GenerationResult:
+             progress: bool = False, label: str = "", chunk_size: Optional[int] = None,
+             allow_longer: bool = False) -> GenerationResult:
     """Greedy generation of one prompt with timing: prefill (the whole prompt in one forward,
-    each layer compressed right after its attention) and a decoding loop."""
+    each layer compressed right after its attention; or with ``chunk_size``, SnapKV layer by layer
+    in chunks: :func:`snapkv_ext.prefill`) and a decoding loop."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     L = ids.shape[1]
     cache = method.make_cache(model, L)
+    layer_major = chunk_size is not None and isinstance(cache, SnapKVCache)
+    extra = {}
     bar = None
-    if progress:
+    if progress and not layer_major:
         from tqdm.auto import tqdm
 
         n_layers = len(getattr(getattr(model, "model", model), "layers", []))
@@ -119,8 +151,11 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
     with torch.no_grad():
         _sync(device)
         t0 = time.perf_counter()
-        with _layer_progress(model, bar.update if bar else None):
-            logits = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
+        if layer_major:
+            logits, extra = _prefill_layer_major(model, ids, cache, chunk_size, progress, label, allow_longer)
+        else:
+            with _layer_progress(model, bar.update if bar else None):
+                logits = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         _sync(device)
         prefill_s = time.perf_counter() - t0
         if bar:
@@ -152,7 +187,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
     text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationResult(text=text, tokens=out, prefill_s=prefill_s,
                             decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else float("nan"),
-                            kv_bytes=kv, full_kv_bytes=full_kv, prompt_tokens=L)
+                            kv_bytes=kv, full_kv_bytes=full_kv, prompt_tokens=L, extra=extra)
 
 
 # ---------------------------------------------------------------- needle in a haystack
