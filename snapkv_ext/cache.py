@@ -90,7 +90,31 @@ def _pre_attention_hook(module, args, kwargs):
 # ---------------------------------------------------------------- the cache
 
 
-class SnapKVCache(Cache):
+class LayerMajorCache(Cache):
+    """A cache a layer-major prefill (:mod:`snapkv_ext.prefill`) can run: while it runs its layers
+    are at different lengths, so what the model asks about "the cache" (positions, mask sizes) is
+    answered by the layer being run (for the mask of its own kind: global or sliding)."""
+
+    _focus: Optional[int] = None
+
+    def focus(self, layer_idx: Optional[int]) -> None:
+        self._focus = layer_idx
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._focus if self._focus is not None else layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        f = self._focus
+        if f is not None and self.layers[f].is_sliding == self.layers[layer_idx].is_sliding:
+            layer_idx = f
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self._focus = None
+
+
+class SnapKVCache(LayerMajorCache):
     """A Transformers cache that keeps, per global layer and KV head, the prompt entries SnapKV
     selects, and exactly the window on sliding-window layers.
 
@@ -129,7 +153,6 @@ class SnapKVCache(Cache):
                           f"({attention[0].sliding_window} tokens); those layers keep their window and "
                           "nothing is compressed", stacklevel=2)
         self.memory = PrefillMemory()
-        self._focus: Optional[int] = None  # the layer a layer-major prefill is running (snapkv_ext.prefill)
         layers = [self._new_layer(a) for a in attention]
         self.memory.layers = layers
         super().__init__(layers=layers)
@@ -158,21 +181,6 @@ class SnapKVCache(Cache):
             pad = masked_prefix(attention_mask, hidden_states.shape[0], layer.visible_length() + n,
                                 hidden_states.device)
         layer.expect_selection(PendingSelection(q, pad, max_capacity_prompt))
-
-    # -- layer-major prefill (snapkv_ext.prefill): the layers are at different lengths while it
-    # runs, so what the model asks about "the cache" (positions, mask sizes) is answered by the
-    # layer being run (for the mask of its own kind: global or sliding).
-    def focus(self, layer_idx: Optional[int]) -> None:
-        self._focus = layer_idx
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(self._focus if self._focus is not None else layer_idx)
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int):
-        f = self._focus
-        if f is not None and self.layers[f].is_sliding == self.layers[layer_idx].is_sliding:
-            layer_idx = f
-        return super().get_mask_sizes(query_length, layer_idx)
 
     # -- reporting
     @property
@@ -205,4 +213,3 @@ class SnapKVCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.memory.peak = 0
-        self._focus = None

@@ -21,12 +21,12 @@ import torch
 from torch import Tensor
 
 from .adapters import AttentionLayer, attention_layers
-from .cache import SnapKVCache, cache_kwargs
+from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
 from .config import SnapKVConfig
 from .layers import SlidingWindowLayer, SnapKVLayer
 
 try:
-    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+    from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 except ImportError as e:  # pragma: no cover
     raise ImportError("snapkv_ext.document needs transformers>=5.17") from e
 
@@ -38,8 +38,26 @@ class _StoreLayer(DynamicLayer):
     def __init__(self, store: list, pin: bool, sliding_window: Optional[int]):
         super().__init__()
         self._store, self._pin, self._window = store, pin, sliding_window
+        self.prompt_length: Optional[int] = None  # layer-major reading: the document's length
+
+    def begin_chunks(self, prompt_length: int) -> None:
+        self.prompt_length = prompt_length
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.prompt_length is not None:
+            # Layer-major reading: hold this layer's chunks here (the one full layer in memory),
+            # store the whole layer when its last chunk is in, then drop it from the device.
+            full_k, full_v = super().update(key_states, value_states, *args, **kwargs)
+            if full_k.shape[2] == self.prompt_length:
+                self.prompt_length = None
+                self._keep(full_k, full_v)
+                B, H, _, D = full_k.shape  # not a view: that would keep the whole layer alive
+                self.keys, self.values = full_k.new_empty((B, H, 0, D)), full_v.new_empty((B, H, 0, D))
+            return full_k, full_v
+        self._keep(key_states, value_states)
+        return key_states, value_states
+
+    def _keep(self, key_states, value_states) -> None:
         k, v = key_states.detach(), value_states.detach()
         if self._window is not None:
             k, v = k[:, :, -(self._window - 1):], v[:, :, -(self._window - 1):]
@@ -47,7 +65,6 @@ class _StoreLayer(DynamicLayer):
         if self._pin:
             k, v = k.pin_memory(), v.pin_memory()
         self._store.append((k, v))
-        return key_states, value_states
 
 
 class DocumentLayer(SnapKVLayer):
@@ -135,12 +152,18 @@ class SnapKVDocument:
         SnapKV settings applied to document + question (see :class:`SnapKVConfig`).
     max_question_tokens : int
         Longest question accepted (default 2048).
+    chunk_size : int, optional
+        Read the document layer by layer in chunks of this many tokens (:mod:`snapkv_ext.prefill`:
+        the same store, with one layer's activations for one chunk at a time), for documents one
+        forward cannot hold. :meth:`save` / :meth:`load` keep a document read once, ever.
     """
+
+    FORMAT = "snapkv-document/1"
 
     def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = 7,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
-                 decode_reserve: int = 128):
+                 decode_reserve: int = 128, chunk_size: Optional[int] = None):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
                                    group_reduce=group_reduce, decode_reserve=decode_reserve)
@@ -156,17 +179,77 @@ class SnapKVDocument:
         self.device = next(model.parameters()).device
         self.input_ids = ids.to(self.device)
         self._pin = self.device.type == "cuda"
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < window_size):
+            raise ValueError(f"chunk_size must be an integer of at least window_size ({window_size}): the last "
+                             f"chunk holds the observation window, got {chunk_size!r}")
         store: list = []
-        tails = self._read(self.input_ids, Cache(layers=[_StoreLayer(store, self._pin, a.sliding_window)
-                                                         for a in self._attention]))
+        cache = LayerMajorCache(layers=[_StoreLayer(store, self._pin, a.sliding_window) for a in self._attention])
+        tails = self._read(self.input_ids, cache, chunk_size=chunk_size)
         # Per layer: the document's full KV (a sliding layer: its last window) in CPU memory.
         self.keys: List[Tensor] = [k for k, _ in store]
         self.values: List[Tensor] = [v for _, v in store]
         self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._attention))]
 
-    def _read(self, ids: Tensor, cache, **forward_kwargs) -> dict:
-        """Run `ids` through the model with `cache`; return each layer's post-RoPE queries of the
-        last (up to) window_size tokens."""
+    # -- read once, ever: save and load
+    @staticmethod
+    def _fingerprint(model) -> dict:
+        """What must match for a stored KV to be this model's: the class, the attention shapes, and a
+        digest of a few weights (another checkpoint of the same architecture gives other KV)."""
+        import hashlib
+
+        att = attention_layers(model)
+        h = hashlib.sha1()
+        for t in (model.get_input_embeddings().weight[:4], next(att[0].module.parameters()).reshape(-1)[:256]):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return dict(model=type(model).__name__, layers=len(att),
+                    shapes=[(a.module.config.num_key_value_heads, a.module.head_dim, a.sliding_window) for a in att],
+                    dtype=str(next(model.parameters()).dtype), weights=h.hexdigest()[:16])
+
+    def save(self, path: str) -> None:
+        """Write the document to ``path`` (one ``torch.save`` file: its ids, every layer's stored KV
+        and last queries, the settings, the model's fingerprint); :meth:`load` reads it back."""
+        import dataclasses
+
+        torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model),
+                        config=dataclasses.asdict(self.config), max_question_tokens=self.max_question_tokens,
+                        input_ids=self.input_ids.cpu(), keys=[k.cpu() for k in self.keys],
+                        values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)
+
+    @classmethod
+    def load(cls, model, path: str) -> "SnapKVDocument":
+        """A document :meth:`save` wrote, for ``model`` (the model that read it: refused otherwise),
+        without reading the document again."""
+        import pickle
+
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"path: cannot read a saved document from {path} ({type(e).__name__})") from None
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"path: {path} is not a document saved by SnapKVDocument.save ({cls.FORMAT})")
+        here = cls._fingerprint(model)
+        for key, want in data["fingerprint"].items():
+            if here.get(key) != want:
+                raise ValueError(f"this document was read by another model ({key}: saved {want!r}, this model "
+                                 f"{here.get(key)!r}); read it again with this one")
+        doc = cls.__new__(cls)
+        doc.config = SnapKVConfig(**data["config"])
+        doc.max_question_tokens = data["max_question_tokens"]
+        doc.model = model
+        doc._attention = attention_layers(model)
+        doc.device = next(model.parameters()).device
+        doc._pin = doc.device.type == "cuda"
+        doc.input_ids = data["input_ids"].to(doc.device)
+        pin = (lambda t: t.pin_memory()) if doc._pin else (lambda t: t)
+        doc.keys = [pin(k) for k in data["keys"]]
+        doc.values = [pin(v) for v in data["values"]]
+        doc.q_tails = [q.to(doc.device) for q in data["q_tails"]]
+        return doc
+
+    def _read(self, ids: Tensor, cache, chunk_size: Optional[int] = None, **forward_kwargs) -> dict:
+        """Run `ids` through the model with `cache` (in one forward, or layer by layer in chunks:
+        :mod:`snapkv_ext.prefill`); return each layer's post-RoPE queries of the last (up to)
+        window_size tokens (the last chunk holds them)."""
         w = self.config.window_size
         tails = {}
 
@@ -179,8 +262,15 @@ class SnapKVDocument:
 
         handles = [a.module.register_forward_pre_hook(grab, with_kwargs=True) for a in self._attention]
         try:
-            with torch.no_grad():
-                self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1, **forward_kwargs)
+            if chunk_size is not None:
+                from .prefill import chunk_spans, run_layer_major
+
+                spans = chunk_spans(ids.shape[1], chunk_size, self.config.window_size)
+                run_layer_major(self.model, ids, cache, spans, **forward_kwargs)
+            else:
+                with torch.no_grad():
+                    self.model(ids, **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1,
+                               **forward_kwargs)
         finally:
             for h in handles:
                 h.remove()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .adapters import attention_layers, decoder_layers
-from .cache import SnapKVCache, cache_kwargs
+from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
 from .layers import SnapKVLayer
 
 DEFAULT_CHUNK_SIZE = 4096
@@ -219,10 +219,19 @@ def prefill(model, input_ids: Tensor, cache: SnapKVCache, *, chunk_size: int = D
                               f"{_gib(need['hidden'])}, one layer's KV {_gib(need['layer_kv'])}, compressed cache "
                               f"{_gib(need['cache'])}, one chunk {_gib(need['chunk'])}) but {_gib(free)} is free; "
                               "use a smaller chunk_size, hidden_device='cpu', or a smaller budget")
-    layers = decoder_layers(model, attention)
-    spans = chunk_spans(L, chunk_size, w)
+    return run_layer_major(model, input_ids, cache, chunk_spans(L, chunk_size, w), attention_mask=attention_mask,
+                           position_ids=position_ids, hidden_device=hidden_device, progress=progress)
+
+
+def run_layer_major(model, input_ids: Tensor, cache: LayerMajorCache, spans: List[Tuple[int, int]], *,
+                    attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                    hidden_device=None, progress: Optional[Callable[[int, int, int], None]] = None) -> Tensor:
+    """The layer-major loop over checked arguments (:func:`prefill` checks them): every layer of
+    ``cache`` with a ``begin_chunks`` is told the prompt length first. -> last position's logits."""
+    B, L = input_ids.shape
+    layers = decoder_layers(model)
     for layer in cache.layers:
-        if isinstance(layer, SnapKVLayer):
+        if hasattr(layer, "begin_chunks"):
             layer.begin_chunks(L)
     state = _Hidden(B, L, hidden_device)
     originals = list(layers)
@@ -254,6 +263,6 @@ def prefill(model, input_ids: Tensor, cache: SnapKVCache, *, chunk_size: int = D
             layers[i] = layer
         cache.focus(None)
         for layer in cache.layers:
-            if isinstance(layer, SnapKVLayer):
+            if hasattr(layer, "begin_chunks"):
                 layer.prompt_length = None
     return logits.float()

@@ -210,3 +210,44 @@ def test_smollm2_same_as_one_shot():
     cache2 = SnapKVCache(model, **settings)
     prefill(model, ids, cache2, chunk_size=512)
     assert_same_cache(ref2, cache2)
+
+
+# ---- documents: read layer-major, saved and loaded
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_document_read_layer_major_equals_one_shot(arch):
+    model = tiny_model(arch, layers=3)
+    doc_ids, q = prompt(300, seed=5), prompt(20, seed=6)
+    a = SnapKVDocument(model, doc_ids, **SETTINGS)
+    b = SnapKVDocument(model, doc_ids, chunk_size=64, **SETTINGS)
+    for ka, kb, va, vb, qa, qb in zip(a.keys, b.keys, a.values, b.values, a.q_tails, b.q_tails):
+        assert ka.shape == kb.shape and qa.shape == qb.shape
+        torch.testing.assert_close(kb, ka, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vb, va, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(qb, qa, rtol=1e-4, atol=1e-5)
+    assert torch.equal(b.generate(q, max_new_tokens=6), a.generate(q, max_new_tokens=6))
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer of at least window_size \(16\)"):
+        SnapKVDocument(model, doc_ids, chunk_size=8, **SETTINGS)
+
+
+def test_document_save_and_load(tmp_path):
+    model = tiny_model("llama", layers=2)
+    doc_ids, q = prompt(200, seed=7), prompt(12, seed=8)
+    doc = SnapKVDocument(model, doc_ids, chunk_size=64, **SETTINGS)
+    path = tmp_path / "doc.pt"
+    doc.save(str(path))
+    loaded = SnapKVDocument.load(model, str(path))
+    assert loaded.config == doc.config and loaded.length == 200
+    assert torch.equal(loaded.generate(q, max_new_tokens=6), doc.generate(q, max_new_tokens=6))
+    other = tiny_model("llama", layers=2, seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match=r"this document was read by another model \(weights: saved"):
+        SnapKVDocument.load(other, str(path))
+    with pytest.raises(ValueError, match=r"this document was read by another model \(layers: saved 2"):
+        SnapKVDocument.load(tiny_model("llama", layers=3), str(path))
+    (tmp_path / "junk.pt").write_bytes(b"not a document")
+    with pytest.raises(ValueError, match="path: cannot read a saved document from"):
+        SnapKVDocument.load(model, str(tmp_path / "junk.pt"))
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a document saved by SnapKVDocument.save"):
+        SnapKVDocument.load(model, str(tmp_path / "other.pt"))
