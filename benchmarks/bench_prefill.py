@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from snapkv_ext import SnapKVCache  # noqa: E402
 from snapkv_ext.cache import cache_kwargs  # noqa: E402
 from snapkv_ext.prefill import prefill, prefill_memory  # noqa: E402
-from snapkv_ext.tools.models import load_by_name  # noqa: E402
+from snapkv_ext.tools.models import RANDOM_SHAPES, load_by_name, random_model  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -70,7 +70,10 @@ def _digest(cache: SnapKVCache) -> str:
 
 
 def worker(args) -> dict:
-    model, _ = load_by_name(args.model, args.device, args.dtype)
+    if args.layers:
+        model = random_model(args.model, args.device, getattr(torch, args.dtype), layers=args.layers)
+    else:
+        model, _ = load_by_name(args.model, args.device, args.dtype)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(args.length)
     ids = torch.randint(10, vocab, (args.batch, args.length), generator=g).to(args.device)
@@ -99,7 +102,7 @@ def run_one(args, mode: str, length: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--length", str(length),
            "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch),
            "--chunk-size", str(args.chunk_size), "--max-capacity-prompt", str(args.max_capacity_prompt),
-           "--window-size", str(args.window_size)]
+           "--window-size", str(args.window_size)] + (["--layers", str(args.layers)] if args.layers else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -123,8 +126,13 @@ def main():
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--max-capacity-prompt", type=int, default=1024)
     p.add_argument("--window-size", type=int, default=32)
+    p.add_argument("--layers", type=int, default=None,
+                   help=f"a random-weight shape ({', '.join(RANDOM_SHAPES)}) with only its first N layers: the "
+                        "prefill's per-layer memory (hidden states, one layer's KV, one chunk) is the whole model's, "
+                        "the weights and compressed cache scale with N, and a 1M-token run fits in minutes")
     p.add_argument("--max-length-search", action="store_true",
                    help="double the prompt from the first --lengths value until a mode no longer fits")
+    p.add_argument("--max-length", type=int, default=None, help="with --max-length-search: the longest to try")
     p.add_argument("--json", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="layer-major", help=argparse.SUPPRESS)
@@ -133,6 +141,8 @@ def main():
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.layers and args.model not in RANDOM_SHAPES:
+        raise SystemExit(f"--layers: only with a random-weight shape ({', '.join(RANDOM_SHAPES)})")
     rows = []
     load = os.getloadavg()[0]
     if args.max_length_search:
@@ -142,7 +152,7 @@ def main():
                 r = run_one(args, mode, n)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "formula_parts"}), flush=True)
-                if "error" in r:
+                if "error" in r or (args.max_length and 2 * n > args.max_length):
                     break
                 n *= 2
     else:
@@ -178,7 +188,7 @@ def main():
     if max(load, load_after) > (os.cpu_count() or 1):
         print(f"note: the machine was busy (load {load:.1f} -> {load_after:.1f} on {os.cpu_count()} cores): "
               "times are disturbed")
-    out = dict(model=args.model, device=args.device, dtype=args.dtype, batch=args.batch, chunk_size=args.chunk_size,
+    out = dict(model=args.model, layers=args.layers, device=args.device, dtype=args.dtype, batch=args.batch, chunk_size=args.chunk_size,
                max_capacity_prompt=args.max_capacity_prompt, window_size=args.window_size, rows=rows,
                summary=summary, torch=torch.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                load_before=load, load_after=load_after, date=time.strftime("%Y-%m-%d %H:%M"))

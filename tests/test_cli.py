@@ -43,6 +43,31 @@ def test_generate_file(tmp_path, capsys):
     assert "[snapkv-96]" in out and "[full]" in out
 
 
+def test_generate_layer_major(tmp_path, capsys):
+    """--chunk-size: the same answer as the one-shot prefill (the same selection), a memory report."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The lighthouse on Gull Island was painted green in 1931. " * 30 + "The keeper was named Ada Pike.")
+    argv = ["generate", "--file", str(doc), "--question", "Who was the keeper?", "--max-capacity-prompt", "96",
+            "--window-size", "16", "--max-new-tokens", "12", "--out", str(tmp_path)]
+    code, one_shot, err = run_cli(argv, capsys)
+    assert code == 0, err
+    code, out, err = run_cli(argv + ["--chunk-size", "128", "--max-memory"], capsys)
+    assert code == 0, err
+    answer = [line for line in out.splitlines() if line.startswith("[snapkv-96]")]
+    assert answer and answer == [line for line in one_shot.splitlines() if line.startswith("[snapkv-96]")]
+    assert "memory: peak" in out and "layer-major prefill, chunk 128: expected +" in out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--chunk-size", "8"], "--chunk-size must be at least --window-size (32): the last chunk holds the observation "
+                            "window, got 8"),
+    (["--allow-longer"], "--allow-longer needs --chunk-size"),
+])
+def test_generate_layer_major_errors(tmp_path, capsys, extra, message):
+    code, out, err = run_cli(["generate", "--file", __file__, "--out", str(tmp_path)] + extra, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
 def test_bench(tmp_path, capsys):
     code, out, err = run_cli(["bench", "--lengths", "128", "256", "--max-capacity-prompts", "64", "--window-size", "16",
                               "--steps", "4", "--reps", "1", "--out", str(tmp_path)], capsys)

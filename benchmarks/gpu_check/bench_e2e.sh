@@ -5,6 +5,10 @@
 #   generate    16K prompt, batch 2, budget 2048: prefill and decode, SnapKVCache vs DynamicCache
 #   max-length  the longest prompt each cache fits (batch 1, budget 1024)
 #   questions   many questions on one 16K document (SnapKVDocument vs re-prefilling)
+#   prefill-mha layer-major prefill, Llama-2-7B/LWM-7B shape (full MHA) with its first 2 layers: 256K to
+#               1M tokens, peak allocated against the formula (the per-layer terms are the whole
+#               model's; add 13.5 GB of weights for all 32 layers), then one-shot's longest from 128K
+#   prefill-gqa the same for the Llama-3-8B shape (GQA): 512K to 2M tokens
 #
 #   bash benchmarks/gpu_check/bench_e2e.sh                   # all three
 #   bash benchmarks/gpu_check/bench_e2e.sh generate          # one part per device command, if
@@ -14,9 +18,10 @@
 # $OUT/bench_questions_cuda.{txt,json}. Each part has its own GPU_CHECK_STEP_TIMEOUT.
 set -uo pipefail
 parts=("$@")
-[ $# -gt 0 ] || parts=(generate max-length questions)
+[ $# -gt 0 ] || parts=(generate max-length questions prefill-mha prefill-gqa)
 for p in "${parts[@]}"; do
-  case "$p" in generate|max-length|questions) ;; *) echo "usage: $0 [generate] [max-length] [questions]" >&2; exit 2 ;; esac
+  case "$p" in generate|max-length|questions|prefill-mha|prefill-gqa) ;;
+    *) echo "usage: $0 [generate] [max-length] [questions] [prefill-mha] [prefill-gqa]" >&2; exit 2 ;; esac
 done
 # shellcheck source=benchmarks/gpu_check/common.sh
 source "$(dirname "$0")/common.sh"
@@ -38,6 +43,16 @@ for p in "${parts[@]}"; do
       step "many questions: 16K document, Llama-2-7B shape, bf16"
       run_step bench_questions_cuda "$PY" benchmarks/bench_questions.py --model llama2-7b --device cuda --dtype bfloat16 \
         --lengths 16384 --json "$OUT/bench_questions_cuda.json" ;;
+    prefill-mha)
+      step "layer-major prefill: Llama-2-7B shape (MHA), 2 layers, bf16, 256K..1M tokens, chunk 8192"
+      run_step prefill_mha_cuda "$PY" benchmarks/bench_prefill.py --model llama2-7b --layers 2 --device cuda \
+        --dtype bfloat16 --chunk-size 8192 --max-capacity-prompt 4096 --lengths 262144 --max-length 1048576 \
+        --max-length-search --modes layer-major one-shot --json "$OUT/prefill_mha_cuda.json" ;;
+    prefill-gqa)
+      step "layer-major prefill: Llama-3-8B shape (GQA), 2 layers, bf16, 512K..2M tokens, chunk 8192"
+      run_step prefill_gqa_cuda "$PY" benchmarks/bench_prefill.py --model llama3-8b --layers 2 --device cuda \
+        --dtype bfloat16 --chunk-size 8192 --max-capacity-prompt 4096 --lengths 524288 --max-length 2097152 \
+        --max-length-search --modes layer-major --json "$OUT/prefill_gqa_cuda.json" ;;
   esac || status=1
 done
 exit "$status"

@@ -122,11 +122,13 @@ RANDOM_SHAPES = {
 }
 
 
-def random_model(shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """A Llama model of a real shape (``RANDOM_SHAPES``) with random weights, made on `device`."""
+def random_model(shape: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, layers: Optional[int] = None):
+    """A Llama model of a real shape (``RANDOM_SHAPES``) with random weights, made on `device`;
+    ``layers`` keeps only the first ones (per-layer memory and speed are unchanged)."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(max_position_embeddings=1 << 20, attn_implementation="sdpa", **RANDOM_SHAPES[shape])
+    shape_kw = dict(RANDOM_SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = tf.LlamaConfig(max_position_embeddings=1 << 20, attn_implementation="sdpa", **shape_kw)
     torch.manual_seed(0)
     with torch.device(device):
         model = tf.LlamaForCausalLM._from_config(cfg, dtype=dtype)
