@@ -251,3 +251,17 @@ def test_document_save_and_load(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a document saved by SnapKVDocument.save"):
         SnapKVDocument.load(model, str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_hidden_states_kept_on_the_cpu(device):
+    """hidden_device="cpu": the hidden states in (pinned, with a GPU model) CPU memory, streamed per
+    chunk: the same selection and logits."""
+    model = tiny_model("qwen2-sliding", layers=3).to(device)
+    ids = prompt(300, batch=2).to(device)
+    ref, ref_logits = one_shot(model, ids)
+    cache = SnapKVCache(model, **SETTINGS)
+    logits = prefill(model, ids, cache, chunk_size=70, hidden_device="cpu")
+    assert_same_cache(ref, cache)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
