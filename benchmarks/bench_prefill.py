@@ -70,10 +70,13 @@ def _digest(cache: SnapKVCache) -> str:
 
 
 def worker(args) -> dict:
-    if args.layers:
+    if args.layers and args.model in RANDOM_SHAPES:
         model = random_model(args.model, args.device, getattr(torch, args.dtype), layers=args.layers)
     else:
         model, _ = load_by_name(args.model, args.device, args.dtype)
+        if args.layers:  # keep the first layers of a loaded model (a Llama: model.model.layers)
+            model.model.layers = torch.nn.ModuleList(list(model.model.layers)[: args.layers])
+            model.config.num_hidden_layers = args.layers
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(args.length)
     ids = torch.randint(10, vocab, (args.batch, args.length), generator=g).to(args.device)
@@ -127,9 +130,9 @@ def main():
     p.add_argument("--max-capacity-prompt", type=int, default=1024)
     p.add_argument("--window-size", type=int, default=32)
     p.add_argument("--layers", type=int, default=None,
-                   help=f"a random-weight shape ({', '.join(RANDOM_SHAPES)}) with only its first N layers: the "
-                        "prefill's per-layer memory (hidden states, one layer's KV, one chunk) is the whole model's, "
-                        "the weights and compressed cache scale with N, and a 1M-token run fits in minutes")
+                   help="keep only the model's first N layers: the prefill's per-layer memory (hidden states, "
+                        "one layer's KV, one chunk) and time per layer are the whole model's, the weights and the "
+                        "compressed cache scale with N, and a long run fits in minutes")
     p.add_argument("--max-length-search", action="store_true",
                    help="double the prompt from the first --lengths value until a mode no longer fits")
     p.add_argument("--max-length", type=int, default=None, help="with --max-length-search: the longest to try")
@@ -141,8 +144,6 @@ def main():
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    if args.layers and args.model not in RANDOM_SHAPES:
-        raise SystemExit(f"--layers: only with a random-weight shape ({', '.join(RANDOM_SHAPES)})")
     rows = []
     load = os.getloadavg()[0]
     if args.max_length_search:
@@ -168,7 +169,7 @@ def main():
                       f"{_gib(r['peak_bytes'])} GiB (before {_gib(r['before_bytes'])}, prefill +"
                       f"{_gib(r['prefill_peak_bytes'])})  formula {_gib(r['formula_bytes'])} GiB "
                       f"(hidden {_gib(f['hidden'])}, layer KV {_gib(f['layer_kv'])}, cache {_gib(f['cache'])}, "
-                      f"chunk {_gib(f['chunk'])}) -> peak/formula {r['peak_over_formula']:.3f}  "
+                      f"chunk {_gib(f['chunk'])}, attention {_gib(f['attention'])}) -> peak/formula {r['peak_over_formula']:.3f}  "
                       f"selection {r['selection_digest']}", flush=True)
     summary = []
     for n in sorted({r["length"] for r in rows}):

@@ -106,7 +106,11 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
     """Bytes a layer-major prefill adds to the loaded model, by part: ``hidden`` (all L tokens'
     hidden states: 0 on the device if ``hidden_device="cpu"`` with the model on a GPU), ``layer_kv``
     (the largest layer's full KV plus its selection), ``cache`` (every layer's compressed KV and
-    decode reserve), ``chunk`` (one chunk's activations and mask) and ``total``."""
+    decode reserve), ``chunk`` (one chunk's activations, its bool mask over the keys so far and
+    the additive copy of it torch's SDPA makes), ``attention`` (what the model's
+    attention adds over the keys so far: with GQA, Transformers' sdpa and eager attention repeat
+    the KV heads for a masked chunk, H_q / H_kv times one layer's KV; eager attention also holds the
+    chunk's scores and probabilities in float32) and ``total``."""
     cfg = _text_config(model)
     p = next(model.parameters())
     elem = torch.finfo(p.dtype).bits // 8 if p.dtype.is_floating_point else 4
@@ -128,11 +132,21 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
     experts = getattr(cfg, "num_experts_per_tok", 1) or 1
     heads = cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) else H
     # one chunk: residual, norm, q/k/v/o, MLP (gate, up, act), attention output; the bool mask
-    # over the keys so far; the logits of the last position (float32)
-    chunk = B * c * (6 * H + 3 * heads + 3 * inter * experts) * elem + B * c * L + B * cfg.vocab_size * 4
+    # over the keys so far, and the additive copy torch's SDPA makes of it in the query's dtype;
+    # the logits of the last position (float32)
+    chunk = (B * c * (6 * H + 3 * heads + 3 * inter * experts) * elem + B * c * L * (1 + elem)
+             + B * cfg.vocab_size * 4)
+    attention = 0
+    if c < L:  # a chunk attends to more keys than it has queries: the attention gets a mask
+        a = next(iter(cache._attention.values())).module
+        q_heads, kv_heads = cfg.num_attention_heads, a.config.num_key_value_heads
+        if q_heads != kv_heads:
+            attention += 2 * B * q_heads * L * a.head_dim * elem
+        if getattr(cfg, "_attn_implementation", "sdpa") == "eager":
+            attention += 2 * B * q_heads * c * L * 4
     on_cpu = hidden_device is not None and torch.device(hidden_device).type == "cpu" and p.is_cuda
     parts = dict(hidden=0 if on_cpu else B * L * H * elem, layer_kv=max(full) - kept[full.index(max(full))],
-                 cache=sum(kept), chunk=chunk)
+                 cache=sum(kept), chunk=chunk, attention=attention)
     parts["total"] = sum(parts.values())
     return parts
 
@@ -217,7 +231,8 @@ def prefill(model, input_ids: Tensor, cache: SnapKVCache, *, chunk_size: int = D
         if free is not None and need["total"] > free:
             raise MemoryError(f"prefill of {L} tokens needs about {_gib(need['total'])} on {device} (hidden states "
                               f"{_gib(need['hidden'])}, one layer's KV {_gib(need['layer_kv'])}, compressed cache "
-                              f"{_gib(need['cache'])}, one chunk {_gib(need['chunk'])}) but {_gib(free)} is free; "
+                              f"{_gib(need['cache'])}, one chunk {_gib(need['chunk'])}, attention "
+                              f"{_gib(need['attention'])}) but {_gib(free)} is free; "
                               "use a smaller chunk_size, hidden_device='cpu', or a smaller budget")
     return run_layer_major(model, input_ids, cache, chunk_spans(L, chunk_size, w), attention_mask=attention_mask,
                            position_ids=position_ids, hidden_device=hidden_device, progress=progress)

@@ -271,7 +271,8 @@ def _memory_report(device: str, before: int, results) -> str:
         if parts:
             lines.append(f"  {m.name} layer-major prefill, chunk {r.extra['chunk_size']}: expected +{parts['total'] / g:.2f} "
                          f"GiB = hidden states {parts['hidden'] / g:.2f} + one layer's KV {parts['layer_kv'] / g:.2f} "
-                         f"+ compressed cache {parts['cache'] / g:.2f} + one chunk {parts['chunk'] / g:.2f}")
+                         f"+ compressed cache {parts['cache'] / g:.2f} + one chunk {parts['chunk'] / g:.2f} "
+                         f"+ attention {parts['attention'] / g:.2f}")
     return "\n".join(lines)
 
 
