@@ -29,7 +29,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .adapters import AttentionLayer, attention_layers
+from .adapters import AttentionLayer, attention_layers, describe_sharding, tensor_parallel_size
 from .config import SnapKVConfig
 from .layers import PendingSelection, PrefillMemory, SlidingWindowLayer, SnapKVLayer
 
@@ -159,13 +159,18 @@ class SnapKVCache(LayerMajorCache):
 
     def _new_layer(self, attention: AttentionLayer) -> CacheLayerMixin:
         if attention.sliding_window is not None:
-            return SlidingWindowLayer(attention.layer_idx, attention.sliding_window, self.memory)
+            return SlidingWindowLayer(attention.layer_idx, attention.sliding_window, self.memory, attention)
         return SnapKVLayer(self.config, attention, self.memory, self._model_name)
 
     # -- called by the hook, right before a layer's attention
     def _before_attention(self, module, hidden_states: Tensor, position_embeddings, attention_mask) -> None:
         attention = self._attention.get(id(module))
         if attention is None:
+            theirs, ours = tensor_parallel_size(module), next(iter(self._attention.values())).tp_size
+            if theirs != ours:  # e.g. a cache made from the unsharded model, used with the tensor-parallel one
+                raise ValueError(f"this SnapKVCache was built for {self._model_name} {describe_sharding(ours)}, and is "
+                                 f"used with a model {describe_sharding(theirs)}; create the cache from the model it "
+                                 "runs with")
             raise ValueError(f"this SnapKVCache was built for another model ({self._model_name}); create one per model")
         layer = self.layers[attention.layer_idx]
         if not isinstance(layer, SnapKVLayer):

@@ -31,6 +31,14 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("snapkv_ext.document needs transformers>=5.17") from e
 
 
+def _input_device(model) -> torch.device:
+    """Where the model takes its token ids: its input embeddings' device, or where they run when
+    accelerate offloads them (``device_map`` with "cpu"/"disk": the weights live on "meta")."""
+    embeddings = model.get_input_embeddings()
+    device = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else embeddings.weight.device
+
+
 class _StoreLayer(DynamicLayer):
     """Copies each update to the document store (a sliding layer: only the window the next token
     sees) and keeps nothing on the device."""
@@ -133,8 +141,8 @@ class DocumentCache(SnapKVCache):
     def _new_layer(self, attention: AttentionLayer) -> CacheLayerMixin:
         d, i = self._document, attention.layer_idx
         if attention.sliding_window is not None:
-            layer = SlidingWindowLayer(i, attention.sliding_window, self.memory)
-            layer.preload(d.keys[i].to(d.device), d.values[i].to(d.device), d.length)
+            layer = SlidingWindowLayer(i, attention.sliding_window, self.memory, attention)
+            layer.preload(d.keys[i], d.values[i], d.length)
             return layer
         return DocumentLayer(self.config, attention, self.memory, self._model_name, d.keys[i], d.values[i],
                              d.q_tails[i])
@@ -176,7 +184,7 @@ class SnapKVDocument:
         self.model = model
         self.max_question_tokens = max_question_tokens
         self._attention = attention_layers(model)
-        self.device = next(model.parameters()).device
+        self.device = _input_device(model)
         self.input_ids = ids.to(self.device)
         self._pin = self.device.type == "cuda"
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < window_size):

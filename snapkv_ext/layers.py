@@ -48,10 +48,15 @@ def _check_batch(held: Optional[Tensor], B: int) -> None:
 
 
 class _ReindexableLayer(CacheLayerMixin):
-    """What both layer kinds share: lazy initialisation, and the batch reindexing generate() asks
+    """What both layer kinds share: lazy initialisation (which refuses keys with another head count
+    than the layer's attention computes on this process), and the batch reindexing generate() asks
     for (beam search, repeated rows, dropped rows) through the subclass's _map_buffers."""
 
+    attention: Optional[AttentionLayer] = None
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        if self.attention is not None:
+            self.attention.check_kv_heads(key_states.shape[1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -315,17 +320,20 @@ class SlidingWindowLayer(_ReindexableLayer):
     is_sliding = True
     is_croppable = False
 
-    def __init__(self, layer_idx: int, sliding_window: int, memory: PrefillMemory):
+    def __init__(self, layer_idx: int, sliding_window: int, memory: PrefillMemory,
+                 attention: Optional[AttentionLayer] = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self._memory = memory
+        self.attention = attention
         self.logical = 0
         self.keys = self.values = None
 
     def preload(self, keys: Tensor, values: Tensor, logical: int) -> None:
         """Start from the last entries ``[B, H_kv, <= sliding_window - 1, D]`` of a ``logical``-token
-        prefix read elsewhere (a document)."""
+        prefix read elsewhere (a document), on any device: they move to the layer's own device
+        (where its attention runs) at the first update."""
         self.reset()
         self.lazy_initialization(keys, values)
         keep = min(keys.shape[2], self.sliding_window - 1)
@@ -336,6 +344,9 @@ class SlidingWindowLayer(_ReindexableLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         _check_batch(self.keys, key_states.shape[0])
+        if self.keys is not None and self.keys.device != key_states.device:  # preloaded elsewhere
+            self.keys, self.values = self.keys.to(key_states.device), self.values.to(key_states.device)
+            self.device = key_states.device
         if self.keys is None:
             full_k, full_v, fresh = key_states, value_states, False
         else:
