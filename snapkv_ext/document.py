@@ -245,7 +245,7 @@ class SnapKVDocument:
         doc.max_question_tokens = data["max_question_tokens"]
         doc.model = model
         doc._attention = attention_layers(model)
-        doc.device = next(model.parameters()).device
+        doc.device = _input_device(model)
         doc._pin = doc.device.type == "cuda"
         doc.input_ids = data["input_ids"].to(doc.device)
         pin = (lambda t: t.pin_memory()) if doc._pin else (lambda t: t)

@@ -119,7 +119,7 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
     kept, full = [], []
     for layer, att in zip(cache.layers, cache._attention.values()):
         m = att.module
-        per_entry = 2 * B * m.config.num_key_value_heads * m.head_dim * elem
+        per_entry = 2 * B * att.kv_heads * m.head_dim * elem  # this process's heads under tensor parallelism
         if isinstance(layer, SnapKVLayer):
             cap = min(L, cache.config.max_capacity_prompt_for(L))
             kept.append(per_entry * (cap + reserve))
@@ -138,10 +138,10 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
              + B * cfg.vocab_size * 4)
     attention = 0
     if c < L:  # a chunk attends to more keys than it has queries: the attention gets a mask
-        a = next(iter(cache._attention.values())).module
-        q_heads, kv_heads = cfg.num_attention_heads, a.config.num_key_value_heads
-        if q_heads != kv_heads:
-            attention += 2 * B * q_heads * L * a.head_dim * elem
+        a = next(iter(cache._attention.values()))
+        q_heads = a.q_heads
+        if q_heads != a.kv_heads:
+            attention += 2 * B * q_heads * L * a.module.head_dim * elem
         if getattr(cfg, "_attn_implementation", "sdpa") == "eager":
             attention += 2 * B * q_heads * c * L * 4
     on_cpu = hidden_device is not None and torch.device(hidden_device).type == "cpu" and p.is_cuda
