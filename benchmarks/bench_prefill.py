@@ -6,7 +6,8 @@ the formula, time per prompt token, and the same selection.
 
 Each (length, mode) runs in a fresh process, so that one run's peak does not hide another's:
 - CPU: the peak resident set during the prefill alone (VmHWM, reset with /proc/self/clear_refs
-  after the model is loaded), beside the resident set before it (weights, runtime);
+  after the model is loaded and glibc has returned its freed heap with malloc_trim, so that the
+  prefill cannot reuse memory the resident set already counts), beside the resident set before it;
 - CUDA: torch.cuda.max_memory_allocated over the prefill, beside what was allocated before.
 ``formula`` is the resident/allocated memory before the prefill plus
 ``snapkv_ext.prefill.prefill_memory(...)["total"]`` (hidden states, one layer's full KV, the
@@ -49,6 +50,14 @@ def _reset_peak(device: str) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:  # hand freed heap memory back to the OS first: else the prefill reuses it unseen
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     return _status("VmRSS")
