@@ -49,7 +49,7 @@ def test_generate_file(tmp_path, capsys):
     doc.write_text("The lighthouse on Gull Island was painted green in 1931. " * 30 + "The keeper was named Ada Pike.")
     code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?",
                               "--max-capacity-prompt", "96", "--window-size", "16", "--max-new-tokens", "12",
-                              "--compare", "--out", str(tmp_path)], capsys)
+                              "--compare", "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert "[snapkv-96]" in out and "[full]" in out
     assert not (tmp_path / "out").exists() and "wrote" not in out  # generate writes no file
@@ -72,8 +72,8 @@ def test_nothing_to_compress_lines():
 
 
 def test_bench(tmp_path, capsys, monkeypatch):
-    loads = iter([0.3, 9.5])  # the 1-minute load average before and after: other work took the cores
-    monkeypatch.setattr(os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    loads = [0.3, 9.5]  # the 1-minute load average before and after: other work took the cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (loads.pop(0) if len(loads) > 1 else loads[0], 0.0, 0.0))
     code, out, err = run_cli(["bench", "--lengths", "128", "256", "--max-capacity-prompts", "64", "--window-size", "16",
                               "--steps", "4", "--reps", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
