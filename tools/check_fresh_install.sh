@@ -43,6 +43,7 @@ set +e
   export VIRTUAL_ENV="$work/venv" PATH="$work/venv/bin:$PATH"
   export PIP_CONSTRAINT="$work/constraints.txt" PIP_QUIET=1 PIP_DISABLE_PIP_VERSION_CHECK=1
   export SNAPKV_FORCE_CPU=1 HF_HUB_OFFLINE=1
+  unset SNAPKV_REQUIRE_CUDA  # .ci/run requires the CUDA build above; this CPU-only install must not
   bash -e -x "$work/install.sh"
 ) 2>&1 | tee "$work/out.log"
 status=${PIPESTATUS[0]}
