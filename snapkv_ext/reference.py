@@ -91,6 +91,66 @@ def select_topk(scores: Tensor, k: int) -> Tensor:
     return order[..., :k].sort(dim=-1).values
 
 
+def policy_capacities(policy: str, max_capacity_prompt: int, window_size: int, num_layers: int,
+                      beta: float = 20.0) -> list:
+    """Reference of :meth:`snapkv_ext.policies.SelectionPolicy.layer_capacities` for the built-in
+    policies by name: uniform, or (``pyramidkv``, ``ada-pyramidkv``) prefix budgets on the line from
+    ``2k - k/beta`` down to ``k/beta``, rounded down, the remainder to the lowest layers."""
+    if policy in ("snapkv", "adakv") or num_layers <= 1:
+        return [max_capacity_prompt] * num_layers
+    k = max_capacity_prompt - window_size
+    top, bottom = 2 * k - k / beta, k / beta
+    out = [math.floor(top - (top - bottom) * i / (num_layers - 1)) for i in range(num_layers)]
+    short = num_layers * k - sum(out)
+    out = [b + (1 if i < short % num_layers else 0) + short // num_layers for i, b in enumerate(out)]
+    return [b + window_size for b in out]
+
+
+def _rank_key(s: float, j):
+    # best first: by score, NaN below everything, then the lower index
+    return (1, 0.0, j) if math.isnan(s) else (0, -s, j)
+
+
+def policy_keep(
+    q_window: Tensor, keys: Tensor, max_capacity_prompt: int, policy: str = "snapkv", floor: float = 0.2,
+    kernel_size: int = 7, pooling: str = "max", group_reduce: str = "mean", pad_lengths: Optional[Tensor] = None,
+    scale: Optional[float] = None, softcap: Optional[float] = None,
+) -> Tensor:
+    """Reference of a layer's selection under a built-in policy, written as loops: ``[B, H_kv, L]``
+    bool, True where a head keeps the entry. ``snapkv``/``pyramidkv``: each head its best
+    ``max_capacity_prompt - w`` prefix positions; ``adakv``/``ada-pyramidkv``: each head first its
+    best ``floor(floor * k)``, then the best ``H_kv * (k - floor)`` left over all heads together
+    (ties: lower head, then lower position). Left padding is never kept; the window always is."""
+    B, H, L, _ = keys.shape
+    w = q_window.shape[2]
+    P = L - w
+    pad = [0] * B if pad_lengths is None else [int(x) for x in pad_lengths]
+    s = pool_scores(window_scores(q_window, keys, None if pad_lengths is None else pad_lengths.clamp(max=P),
+                                  group_reduce, scale, softcap),
+                    kernel_size, pooling, None if pad_lengths is None else pad_lengths.clamp(max=P))
+    keep = torch.zeros(B, H, L, dtype=torch.bool)
+    for b in range(B):
+        first = min(pad[b], P)
+        k = min(max_capacity_prompt - w, P - first)
+        row = s[b].tolist()
+        ranked = [sorted(range(first, P), key=lambda j, h=h: _rank_key(row[h][j], j)) for h in range(H)]
+        if policy in ("adakv", "ada-pyramidkv"):
+            base = math.floor(floor * k)
+            rest = sorted(((h, r) for h in range(H) for r in range(base, P - first)),
+                          key=lambda hr: _rank_key(row[hr[0]][ranked[hr[0]][hr[1]]], hr))
+            counts = [base] * H
+            for h, _ in rest[: H * (k - base)]:
+                counts[h] += 1
+        else:
+            counts = [k] * H
+        for h in range(H):
+            for j in ranked[h][: counts[h]]:
+                keep[b, h, j] = True
+            for j in range(max(P, pad[b]), L):
+                keep[b, h, j] = True
+    return keep
+
+
 def compact(keys: Tensor, values: Tensor, indices: Tensor, window_size: int) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`snapkv_ext.ops.compact`: ``[rows at indices, last w rows]``."""
     L = keys.shape[2]
@@ -131,3 +191,4 @@ def snapkv_compress_into(
     keys_out.copy_(k_out)
     values_out.copy_(v_out)
     return pos
+
