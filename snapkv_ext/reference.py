@@ -191,4 +191,3 @@ def snapkv_compress_into(
     keys_out.copy_(k_out)
     values_out.copy_(v_out)
     return pos
-
