@@ -89,11 +89,16 @@ def prefix_ranks(scores: Tensor, valid: Tensor) -> Tensor:
     """Each head's prefix positions from best to worst: ``[B, H, P]`` int64. The ranking rule of
     every op (:func:`snapkv_ext.ops.select_topk`): by score, NaN below everything, ties to the
     lower position; left padding (the first ``P - valid[b, h]`` positions) after all of it."""
-    B, H, P = scores.shape
+    P = scores.shape[-1]
     j = torch.arange(P, device=scores.device)
-    invalid = j[None, None, :] < (P - valid.to(scores.device))[:, :, None]
-    x = scores.nan_to_num(nan=float("-inf")).masked_fill(invalid, float("-inf"))
-    cls = scores.isnan().to(torch.uint8) + 2 * invalid.to(torch.uint8)
+    return _best_first(scores, j[None, None, :] < (P - valid.to(scores.device))[:, :, None])
+
+
+def _best_first(scores: Tensor, excluded: Tensor) -> Tensor:
+    """Indices along the last dim from best to worst: by score (stable sorts: ties to the lower
+    index), NaN below every score, the ``excluded`` entries after all of them."""
+    x = scores.nan_to_num(nan=float("-inf")).masked_fill(excluded, float("-inf"))
+    cls = (scores.isnan() & ~excluded).to(torch.uint8) + 2 * excluded.to(torch.uint8)
     order = torch.sort(x, dim=-1, descending=True, stable=True).indices
     return order.gather(-1, torch.sort(cls.gather(-1, order), dim=-1, stable=True).indices)
 
@@ -122,10 +127,7 @@ class AdaKV(SelectionPolicy):
         r = torch.arange(P, device=scores.device)
         # Candidates for the shared part: each head's positions after its floor, padding excluded.
         open_ = (r[None, None, :] >= floor[..., None]) & (r[None, None, :] < valid[..., None])
-        x = ranked.nan_to_num(nan=float("-inf")).masked_fill(~open_, float("-inf")).reshape(B, H * P)
-        cls = (ranked.isnan() & open_).to(torch.uint8).reshape(B, H * P) + 2 * (~open_).to(torch.uint8).reshape(B, H * P)
-        flat = torch.sort(x, dim=-1, descending=True, stable=True).indices
-        flat = flat.gather(-1, torch.sort(cls.gather(-1, flat), dim=-1, stable=True).indices)
+        flat = _best_first(ranked.reshape(B, H * P), ~open_.reshape(B, H * P))
         rest = (k - floor).sum(1)  # [B]
         chosen = torch.zeros(B, H * P, dtype=torch.int64, device=scores.device)
         take = (torch.arange(H * P, device=scores.device)[None, :] < rest[:, None]).to(torch.int64)
@@ -205,11 +207,15 @@ def check_counts(policy, counts, budget: int, valid: Tensor, shape) -> Tensor:
 def valid_prefix(pad_lengths: Optional[Tensor], B: int, H: int, P: int, device) -> Tensor:
     """``[B, H]`` int64: the prefix positions of each row (``pad_lengths [B]``) or head
     (``[B, H]``) that are not left padding."""
+    return (P - _head_padding(pad_lengths, B, H, device)).clamp(min=0)
+
+
+def _head_padding(pad_lengths: Optional[Tensor], B: int, H: int, device) -> Tensor:
+    """Left padding ``[B, H]`` int64 from ``pad_lengths`` ``[B]`` or ``[B, H]`` (None: zeros)."""
     if pad_lengths is None:
-        return torch.full((B, H), P, dtype=torch.int64, device=device)
+        return torch.zeros((B, H), dtype=torch.int64, device=device)
     pad = pad_lengths.to(device=device, dtype=torch.int64)
-    pad = pad[:, None].expand(B, H) if pad.dim() == 1 else pad
-    return (P - pad).clamp(min=0)
+    return pad[:, None].expand(B, H) if pad.dim() == 1 else pad
 
 
 def keep_mask(scores: Tensor, counts: Tensor, pad_lengths: Optional[Tensor], window_size: int) -> Tensor:
@@ -217,14 +223,11 @@ def keep_mask(scores: Tensor, counts: Tensor, pad_lengths: Optional[Tensor], win
     ``counts[b, h]`` prefix positions and every window entry that is not left padding
     (``pad_lengths [B]`` or ``[B, H]``, up to ``L``; None: no padding)."""
     B, H, P = scores.shape
-    valid = valid_prefix(pad_lengths, B, H, P, scores.device)
-    order = prefix_ranks(scores, valid)
+    pad = _head_padding(pad_lengths, B, H, scores.device)
+    order = prefix_ranks(scores, (P - pad).clamp(min=0))
     r = torch.arange(P, device=scores.device)
     keep = torch.zeros(B, H, P, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, order, r[None, None, :] < counts.to(scores.device)[..., None])
-    L = P + window_size
-    pad = P - valid + (0 if pad_lengths is None else (pad_lengths.to(scores.device) - P).clamp(min=0)
-                       .reshape(B, -1).expand(B, H))  # a row shorter than the window: padding in it too
-    j = torch.arange(P, L, device=scores.device)
-    window = j[None, None, :] >= pad[..., None]
+    j = torch.arange(P, P + window_size, device=scores.device)
+    window = j[None, None, :] >= pad[..., None]  # a row shorter than the window: padding in it too
     return torch.cat([keep, window], dim=-1)

@@ -125,9 +125,9 @@ def policy_keep(
     w = q_window.shape[2]
     P = L - w
     pad = [0] * B if pad_lengths is None else [int(x) for x in pad_lengths]
-    s = pool_scores(window_scores(q_window, keys, None if pad_lengths is None else pad_lengths.clamp(max=P),
-                                  group_reduce, scale, softcap),
-                    kernel_size, pooling, None if pad_lengths is None else pad_lengths.clamp(max=P))
+    scored_pad = None if pad_lengths is None else pad_lengths.clamp(max=P)  # the ops take padding up to P
+    s = pool_scores(window_scores(q_window, keys, scored_pad, group_reduce, scale, softcap), kernel_size, pooling,
+                    scored_pad)
     keep = torch.zeros(B, H, L, dtype=torch.bool)
     for b in range(B):
         first = min(pad[b], P)
