@@ -7,6 +7,12 @@ window, pool, topk, gather from the repeated cache. Ours selects per KV head wit
     python benchmarks/bench_ops.py                         # CPU, L = 4K..32K
     python benchmarks/bench_ops.py --device cuda --lengths 4096 16384 32768 65536 131072
     python benchmarks/bench_ops.py --json out.json
+    python benchmarks/bench_ops.py --decode                # ragged_attention vs SDPA, decode shapes
+
+--decode times ragged_attention (one new token, every KV head's segment in a flat store) against
+torch's scaled_dot_product_attention(enable_gqa=True) on a dense [B, H_kv, T, D] cache holding the
+same entries: SmolLM2 (H_q 9, H_kv 3, D 64) at T 1K-4K, B 1 and 3; Llama-3-8B (32/8/128) and an
+MHA 7B (LWM, 32/32/128) at T 2K-8K, B 1. GB/s counts the keys and values read once.
 
 Reported per (config, dtype, L): median milliseconds of ours and of torch (timed alternately),
 torch/ours (the speedup), and for each the peak extra memory of one call (outputs included) and its workspace
@@ -53,6 +59,13 @@ CONFIGS = {
     "lwm-7b": (32, 32, 128),
     "qwen2-7b": (28, 4, 128),
     "gemma2-9b": (16, 8, 256),
+}
+
+# Decode shapes for ragged_attention: name -> (H_q, H_kv, D, lengths, batches).
+DECODE_CONFIGS = {
+    "smollm2": (9, 3, 64, [1024, 2048, 4096], [1, 3]),
+    "llama3-8b": (32, 8, 128, [2048, 4096, 8192], [1]),
+    "lwm-7b": (32, 32, 128, [2048, 4096, 8192], [1]),
 }
 
 
@@ -199,6 +212,44 @@ def make_cases(q, k, v, args):
     return [c for c in cases if not args.ops or c[0] in args.ops]
 
 
+def make_decode_case(name, dtype, T, B, device):
+    """(ours, sdpa, bytes): one new token per head against T entries per KV head, in a flat store
+    for ours (segments back to back) and as the dense cache SDPA takes."""
+    H_q, H_kv, D = DECODE_CONFIGS[name][:3]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, H_q, 1, D, generator=g).to(dtype=dtype, device=device)
+    kd = torch.randn(B, H_kv, T, D, generator=g).to(dtype=dtype, device=device)
+    vd = torch.randn(B, H_kv, T, D, generator=g).to(dtype=dtype, device=device)
+    k, v = kd.reshape(-1, D), vd.reshape(-1, D)
+    starts = (torch.arange(B * H_kv, device=device) * T).view(B, H_kv)
+    lengths = torch.full((B, H_kv), T, device=device)
+    scale = D ** -0.5
+    ours = lambda: ops.ragged_attention(q, k, v, starts, lengths, scale)  # noqa: E731
+    sdpa = lambda: F.scaled_dot_product_attention(q, kd, vd, scale=scale, enable_gqa=True)  # noqa: E731
+    return ours, sdpa, 2 * kd.numel() * kd.element_size()
+
+
+def run_decode(args):
+    device = torch.device(args.device)
+    rows = []
+    for name, (_, _, _, lengths, batches) in DECODE_CONFIGS.items():
+        if args.decode_configs and name not in args.decode_configs:
+            continue
+        for dtype_name in args.dtypes:
+            for B in batches:
+                for T in lengths:
+                    ours, sdpa, nbytes = make_decode_case(name, getattr(torch, dtype_name), T, B, device)
+                    t_ours, t_base = paired_median_ms(ours, sdpa, device, args.reps, warmup=5)
+                    row = dict(config=name, dtype=dtype_name, B=B, T=T, op="ragged_attention", ours_ms=t_ours,
+                               sdpa_ms=t_base, speedup=t_base / t_ours, kv_bytes=nbytes,
+                               ours_gbs=nbytes / (t_ours * 1e-3) / 1e9)
+                    rows.append(row)
+                    print(f"{name:10s} {dtype_name:8s} B={B} T={T:5d} ragged_attention ours {t_ours * 1e3:8.1f} us  "
+                          f"sdpa {t_base * 1e3:8.1f} us  sdpa/ours {t_base / t_ours:5.2f}x  "
+                          f"ours {row['ours_gbs']:5.1f} GB/s", flush=True)
+    return rows
+
+
 def memory_child(args):
     """Runs in a child process: prints {op: [ours_peak, ours_ws, torch_peak, torch_ws]} as JSON."""
     device = torch.device("cpu")
@@ -302,11 +353,16 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--decode", action="store_true", help="ragged_attention vs SDPA on decode shapes")
+    p.add_argument("--decode-configs", nargs="*", default=None, choices=sorted(DECODE_CONFIGS))
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
         return
-    rows, bw = run(args)
+    if args.decode:
+        rows, bw = run_decode(args), None
+    else:
+        rows, bw = run(args)
     if args.json:
         meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
                     machine=platform.processor() or platform.machine(), copy_bandwidth_gbs=bw,

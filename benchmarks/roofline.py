@@ -12,6 +12,11 @@ Per op, what the kernels move through global memory and compute (bf16 inputs):
 - select_topk: four digit passes plus a count and a write pass over [B, H_kv, N] fp32
   (sliced path; the one-CTA-per-row path reads the same), 10 launches.
 - compact: read and write (k + w) rows of keys and values.
+- ragged_attention (decode, n new tokens): each kept entry's key and value rows read once
+  (kept entries * 2 * D * elem bytes: one CTA holds all G * n query rows of its KV head), the
+  queries and the output, plus the split partials (fp32 acc + stats, written and read once by the
+  combine kernel) when a segment is split over CTAs. FLOPs: 4 * H_q * n * T * D (q.k and p.v) on
+  CUDA cores, one exp per logit. Always bandwidth-bound for n <= ~16.
 Expected time = max(bytes / HBM bandwidth, FLOPs / tensor peak, shared-memory bytes / shared-memory
 bandwidth (128 B per clock per SM)) plus a launch floor per kernel,
 with no credit for L2 (the votes pass walks the CTAs in the reverse order of the statistics pass,
@@ -66,11 +71,35 @@ def op_costs(H_q, H_kv, D, L, max_capacity_prompt, B=1, es=2):
     }, key_bytes
 
 
+def ragged_costs(H_q, H_kv, D, T, B=1, n=1, es=2, sm_count=132):
+    """-> (bytes, flops, launches) of ragged_attention over T kept entries per KV head."""
+    kv_bytes = B * H_kv * T * 2 * D * es
+    G = H_q // H_kv
+    tiles = -(-T // 32)
+    ctas_per_seg = -(-2 * sm_count // (B * H_kv))
+    per = max(-(-tiles // ctas_per_seg), 4)
+    splits = -(-tiles // per)
+    part = 2 * B * H_kv * splits * G * n * (D + 2) * 4 if splits > 1 else 0
+    qo = 2 * B * H_q * n * D * es
+    return kv_bytes + qo + part, 4 * B * H_q * n * T * D, 2 if splits > 1 else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--max-capacity-prompt", type=int, default=2048)
+    ap.add_argument("--decode", action="store_true", help="the ragged_attention (decode) table instead")
     a = ap.parse_args()
+    if a.decode:
+        print("| shape | T | B | MB moved | GFLOP | A100 µs | H100 µs |")
+        print("|---|---|---|---|---|---|---|")
+        for name, (H_q, H_kv, D) in {"smollm2": (9, 3, 64), **SHAPES}.items():
+            for T, B in ((2048, 1), (8192, 1), (8192, 8)):
+                nbytes, flops, launches = ragged_costs(H_q, H_kv, D, T, B)
+                t = {g: max(nbytes / bw, flops / peak) + launches * floor for g, (bw, peak, floor, _) in GPUS.items()}
+                print(f"| {name} | {T // 1024}K | {B} | {nbytes / 1e6:.2f} | {flops / 1e9:.3f} | "
+                      f"{t['A100'] * 1e6:.1f} | {t['H100'] * 1e6:.1f} |")
+        return
     print("| shape | L | op | MB moved | GFLOP | MB through smem | A100 µs | H100 µs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (H_q, H_kv, D) in SHAPES.items():

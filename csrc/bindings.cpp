@@ -19,6 +19,8 @@ TORCH_LIBRARY(snapkv, m) {
   m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> (Tensor, Tensor, Tensor)");
   // The fused path into caller-owned keys_out, values_out [B,H_kv,C',D] -> kept positions [B,H_kv,C'].
   m.def("snapkv_compress_into(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, Tensor(a!) keys_out, Tensor(b!) values_out, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> Tensor");
+  // Causal attention of q [B,H_q,n,D] over a ragged per-head store keys/values [N,D] (segments starts/lengths [B,H_kv]) -> [B,H_q,n,D].
+  m.def("ragged_attention(Tensor q, Tensor keys, Tensor values, Tensor starts, Tensor lengths, float scale, float? softcap=None) -> Tensor");
 }
 
 // `import snapkv_ext._C` loads this library, which runs the registrations above.

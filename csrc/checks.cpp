@@ -2,6 +2,7 @@
 // argument and what was expected, so a user can fix the call without reading this file.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
@@ -154,6 +155,74 @@ void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows
                  " must not share memory with the input keys or values");
   }
   SNAPKV_CHECK(!keys_out.is_alias_of(values_out), "keys_out and values_out must not share memory");
+}
+
+RaggedShape check_ragged_attention_args(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                        const at::Tensor& starts, const at::Tensor& lengths, double scale,
+                                        const c10::optional<double>& softcap, bool check_values) {
+  SNAPKV_CHECK(q.dim() == 4, "q must be [B, H_q, n, D], got ", shape_str(q));
+  SNAPKV_CHECK(keys.dim() == 2, "keys must be [N, D], got ", shape_str(keys));
+  SNAPKV_CHECK(values.dim() == 2, "values must be [N, D], got ", shape_str(values));
+  check_float(q, "q");
+  SNAPKV_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(),
+               "keys and values must have the dtype of q (", q.scalar_type(), "), got ", keys.scalar_type(),
+               " and ", values.scalar_type());
+  SNAPKV_CHECK(keys.device() == q.device() && values.device() == q.device() && starts.device() == q.device() &&
+                   lengths.device() == q.device(),
+               "keys, values, starts and lengths must be on the device of q (", q.device(), "), got ",
+               keys.device(), ", ", values.device(), ", ", starts.device(), " and ", lengths.device());
+  const int64_t B = q.size(0), Hq = q.size(1), n = q.size(2), D = q.size(3), N = keys.size(0);
+  SNAPKV_CHECK(B > 0 && Hq > 0 && n > 0 && D > 0, "q must be non-empty, got ", shape_str(q));
+  SNAPKV_CHECK(keys.size(1) == D, "keys must be [N, D] with the head dim of q (D = ", D, "), got ",
+               shape_str(keys));
+  SNAPKV_CHECK(values.sizes() == keys.sizes(), "values must have the shape of keys ", shape_str(keys), ", got ",
+               shape_str(values));
+  SNAPKV_CHECK(q.stride(3) == 1 || D == 1, "q must be contiguous in its last dim, got strides ", q.strides());
+  SNAPKV_CHECK(keys.stride(1) == 1 || D == 1, "keys must have contiguous rows (stride(1) == 1), got strides ",
+               keys.strides());
+  SNAPKV_CHECK(values.stride(1) == 1 || D == 1, "values must have contiguous rows (stride(1) == 1), got strides ",
+               values.strides());
+  SNAPKV_CHECK(starts.scalar_type() == at::kLong, "starts must be int64, got ", starts.scalar_type());
+  SNAPKV_CHECK(lengths.scalar_type() == at::kLong, "lengths must be int64, got ", lengths.scalar_type());
+  SNAPKV_CHECK(starts.dim() == 2 && starts.size(0) == B && starts.size(1) > 0,
+               "starts must be [B, H_kv] with B = q.size(0) = ", B, " and H_kv > 0, got ", shape_str(starts));
+  SNAPKV_CHECK(lengths.sizes() == starts.sizes(), "lengths must have the shape of starts ", shape_str(starts),
+               ", got ", shape_str(lengths));
+  const int64_t Hkv = starts.size(1);
+  SNAPKV_CHECK(Hq % Hkv == 0, "H_q must be a multiple of H_kv (GQA), got H_q = ", Hq, " and H_kv = ", Hkv);
+  SNAPKV_CHECK(std::isfinite(scale) && scale > 0 && static_cast<float>(scale) > 0.f &&
+                   std::isfinite(static_cast<float>(scale)),
+               "scale must be finite and positive, got ", scale);
+  resolve_softcap(softcap);
+  RaggedShape s{B, Hq, Hkv, n, D, N, -1};
+  if (!check_values) return s;
+  // min length, min start, max end, max length: read in place on CPU; on CUDA one small
+  // device-to-host copy (a host sync), as compact's index check.
+  int64_t v[4];
+  if (starts.is_cpu()) {
+    const at::Tensor st = starts.contiguous(), ln = lengths.contiguous();
+    const int64_t* sp = st.data_ptr<int64_t>();
+    const int64_t* lp = ln.data_ptr<int64_t>();
+    v[0] = v[3] = lp[0];
+    v[1] = sp[0];
+    v[2] = sp[0] + lp[0];
+    for (int64_t i = 1; i < B * Hkv; ++i) {
+      v[0] = std::min(v[0], lp[i]);
+      v[1] = std::min(v[1], sp[i]);
+      v[2] = std::max(v[2], sp[i] + lp[i]);
+      v[3] = std::max(v[3], lp[i]);
+    }
+  } else {
+    const at::Tensor r =
+        at::stack({lengths.min(), starts.min(), (starts + lengths).max(), lengths.max()}).to(at::kCPU);
+    for (int i = 0; i < 4; ++i) v[i] = r[i].item<int64_t>();
+  }
+  SNAPKV_CHECK(v[0] >= n, "lengths must be >= n = q.size(2) = ", n,
+               " (a segment holds its n new tokens last), got min ", v[0]);
+  SNAPKV_CHECK(v[1] >= 0 && v[2] <= N, "segments must lie in the store: need starts >= 0 and starts + lengths <= N = ",
+               N, ", got min start ", v[1], " and max end ", v[2]);
+  s.max_len = v[3];
+  return s;
 }
 
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B) {

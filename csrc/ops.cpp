@@ -114,7 +114,7 @@ at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, con
 }
 
 const Backend kCpuBackend{&window_scores_cpu, &pool_scores_cpu, &select_topk_cpu,
-                          &compact_into_cpu_unchecked};
+                          &compact_into_cpu_unchecked, &ragged_attention_cpu};
 
 TORCH_LIBRARY_IMPL(snapkv, CPU, m) { register_device_ops<kCpuBackend>(m); }
 

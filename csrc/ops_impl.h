@@ -102,6 +102,16 @@ at::Tensor compress_into_op(const at::Tensor& q_window, const at::Tensor& keys, 
                             std::string(pooling), std::string(group_reduce), pad_lengths, scale, softcap);
 }
 
+template <const Backend& BE>
+at::Tensor ragged_attention_op(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                               const at::Tensor& starts, const at::Tensor& lengths, double scale,
+                               c10::optional<double> softcap) {
+  NvtxRange r("snapkv::ragged_attention", q);
+  const RaggedShape s =
+      check_ragged_attention_args(q, keys, values, starts, lengths, scale, softcap, /*check_values=*/true);
+  return BE.ragged_attention(s, q, keys, values, starts, lengths, scale, softcap);
+}
+
 // Registers every op of the `snapkv` library for one dispatch key with BE's kernels.
 template <const Backend& BE>
 void register_device_ops(torch::Library& m) {
@@ -112,6 +122,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("compact_into", TORCH_FN(compact_into_op<BE>));
   m.impl("snapkv_compress", TORCH_FN(compress_op<BE>));
   m.impl("snapkv_compress_into", TORCH_FN(compress_into_op<BE>));
+  m.impl("ragged_attention", TORCH_FN(ragged_attention_op<BE>));
 }
 
 }  // namespace snapkv

@@ -81,6 +81,19 @@ void check_compact_args(const at::Tensor& keys, const at::Tensor& values,
 // no memory shared with the inputs or each other. rows_name says what rows is, for the message.
 void check_kv_out(const at::Tensor& keys, const at::Tensor& values, int64_t rows, const char* rows_name,
                   const at::Tensor& keys_out, const at::Tensor& values_out);
+// Shape of ragged_attention's arguments: n new tokens per query head, N rows in the store;
+// max_len is the longest segment when the lengths were read (check_values), else -1.
+struct RaggedShape {
+  int64_t B, Hq, Hkv, n, D, N, max_len;
+  int64_t group() const { return Hq / Hkv; }
+};
+// Validates q [B, H_q, n, D] (last dim contiguous), keys/values [N, D] with contiguous rows,
+// starts/lengths [B, H_kv] int64 (H_q % H_kv == 0), scale and softcap. With check_values, also
+// that every segment holds n..N rows inside the store (lengths >= n, 0 <= starts,
+// starts + lengths <= N): read directly on CPU, one host sync on CUDA (like compact's indices).
+RaggedShape check_ragged_attention_args(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                        const at::Tensor& starts, const at::Tensor& lengths, double scale,
+                                        const c10::optional<double>& softcap, bool check_values);
 // The (already checked) left padding of each of B rows, zeros when pad_lengths is absent.
 std::vector<int64_t> pad_values(const c10::optional<at::Tensor>& pad_lengths, int64_t B);
 // 1 / sqrt(D) unless given; must be finite and positive.
@@ -93,6 +106,7 @@ float resolve_softcap(const c10::optional<double>& softcap);
 // pool_scores:   -> same shape and dtype as scores, -inf at padded positions when pad given.
 // select_topk:   -> [B, H, k] int64, sorted by position.
 // compact_into:  writes [B, H_kv, k + w, D] into the outputs.
+// ragged_attention: -> [B, H_q, n, D] in q's dtype, contiguous; `s` from the checks.
 
 at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
                              const c10::optional<at::Tensor>& pad_lengths,
@@ -104,6 +118,9 @@ at::Tensor select_topk_cpu(const at::Tensor& scores, int64_t k);
 void compact_into_cpu_unchecked(const at::Tensor& keys, const at::Tensor& values,
                                 const at::Tensor& indices, int64_t window_size,
                                 const at::Tensor& keys_out, const at::Tensor& values_out);
+at::Tensor ragged_attention_cpu(const RaggedShape& s, const at::Tensor& q, const at::Tensor& keys,
+                                const at::Tensor& values, const at::Tensor& starts, const at::Tensor& lengths,
+                                double scale, c10::optional<double> softcap);
 // A fresh, not yet written CPU tensor of several MB: ask Linux to back it with 2 MB pages, so
 // writing it takes one page fault per 2 MB instead of per 4 KB (a hint; no-op elsewhere).
 void advise_huge_pages(const at::Tensor& fresh);
@@ -119,6 +136,9 @@ at::Tensor select_topk_cuda(const at::Tensor& scores, int64_t k);
 void compact_into_cuda_unchecked(const at::Tensor& keys, const at::Tensor& values,
                                  const at::Tensor& indices, int64_t window_size,
                                  const at::Tensor& keys_out, const at::Tensor& values_out);
+at::Tensor ragged_attention_cuda(const RaggedShape& s, const at::Tensor& q, const at::Tensor& keys,
+                                 const at::Tensor& values, const at::Tensor& starts, const at::Tensor& lengths,
+                                 double scale, c10::optional<double> softcap);
 #endif
 
 // ---- the per-device kernels as one table, so the op entry points are written once ----
@@ -127,6 +147,7 @@ struct Backend {
   decltype(&pool_scores_cpu) pool_scores;
   decltype(&select_topk_cpu) select_topk;
   decltype(&compact_into_cpu_unchecked) compact_into;
+  decltype(&ragged_attention_cpu) ragged_attention;
 };
 
 // Public op bodies (ops.cpp), parameterised by the device's kernels.

@@ -29,9 +29,11 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from . import routing
 from .adapters import AttentionLayer, attention_layers, describe_sharding, tensor_parallel_size
 from .config import SnapKVConfig
-from .layers import PendingSelection, PrefillMemory, SlidingWindowLayer, SnapKVLayer
+from .layers import PendingSelection, PrefillMemory, RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
+from .policies import SelectionPolicy
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -125,19 +127,21 @@ class SnapKVCache(LayerMajorCache):
         (Llama/SmolLM2, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3,
         Phi-3, Granite, OLMo 2). Its attention modules get an inert forward pre-hook (once).
     max_capacity_prompt, window_size, kernel_size, pooling, group_reduce, compression_ratio,
-    recompress, use_reference, decode_reserve :
-        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``.
+    recompress, use_reference, decode_reserve, policy :
+        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. A ``policy`` other than
+        ``"snapkv"`` (:mod:`snapkv_ext.policies`) routes the model's attention through
+        :mod:`snapkv_ext.routing` (the model's own attention for everything but this cache's layers).
     """
 
     def __init__(self, model, max_capacity_prompt: Optional[int] = None, window_size: int = 32,
                  kernel_size: int = 7, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
                  compression_ratio: Optional[float] = None, group_reduce: str = "mean", recompress: bool = True,
-                 use_reference: bool = False, decode_reserve: int = 128):
+                 use_reference: bool = False, decode_reserve: int = 128, policy="snapkv"):
         if config is None:
             config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size,
                                   kernel_size=kernel_size, pooling=pooling, group_reduce=group_reduce,
                                   compression_ratio=compression_ratio, recompress=recompress,
-                                  use_reference=use_reference, decode_reserve=decode_reserve)
+                                  use_reference=use_reference, decode_reserve=decode_reserve, policy=policy)
         elif not isinstance(config, SnapKVConfig):
             raise ValueError(f"config must be a SnapKVConfig, got {type(config).__name__}")
         self.config = config
@@ -153,6 +157,10 @@ class SnapKVCache(LayerMajorCache):
                           f"({attention[0].sliding_window} tokens); those layers keep their window and "
                           "nothing is compressed", stacklevel=2)
         self.memory = PrefillMemory()
+        self._routed = type(config.policy) is not SelectionPolicy
+        if self._routed:
+            routing.route(model)
+        self._global = [a.layer_idx for a in attention if a.sliding_window is None]
         layers = [self._new_layer(a) for a in attention]
         self.memory.layers = layers
         super().__init__(layers=layers)
@@ -160,7 +168,16 @@ class SnapKVCache(LayerMajorCache):
     def _new_layer(self, attention: AttentionLayer) -> CacheLayerMixin:
         if attention.sliding_window is not None:
             return SlidingWindowLayer(attention.layer_idx, attention.sliding_window, self.memory, attention)
-        return SnapKVLayer(self.config, attention, self.memory, self._model_name)
+        kind = RaggedSnapKVLayer if self.config.policy.per_head else SnapKVLayer
+        return kind(self.config, attention, self.memory, self._model_name,
+                    rank=self._global.index(attention.layer_idx), num_global=len(self._global))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        # Under a policy, global layers hold different lengths and the model builds one mask for
+        # them: for the longest; routing gives each dense layer the mask's last columns.
+        if self._routed and self._focus is None and isinstance(self.layers[layer_idx], SnapKVLayer):
+            layer_idx = max(self._global, key=lambda i: self.layers[i].visible_length())
+        return super().get_mask_sizes(query_length, layer_idx)
 
     # -- called by the hook, right before a layer's attention
     def _before_attention(self, module, hidden_states: Tensor, position_embeddings, attention_mask) -> None:
@@ -194,15 +211,19 @@ class SnapKVCache(LayerMajorCache):
         return self.memory.peak
 
     def stats(self) -> dict:
-        """Logical and physical lengths per layer, bytes held, and the KV reduction full / held (against
-        what Transformers' DynamicCache for this model would hold: sliding layers at their window)."""
+        """Logical and physical lengths per layer (physical: the longest head's, under a per-head
+        policy), entries kept per layer (over rows and KV heads), bytes held, and the KV reduction
+        full / held (against what Transformers' DynamicCache for this model would hold: sliding
+        layers at their window)."""
         layers = [lay for lay in self.layers if lay.held_entries() > 0]
         kv_bytes = sum(lay.nbytes() for lay in layers)
-        full_bytes = sum(lay.nbytes() // lay.held_entries() * lay.full_entries() for lay in layers)
+        full_bytes = sum(lay.entry_bytes() * lay.full_entries() for lay in layers)
         return {
             "logical_length": self.get_seq_length(),
             "physical_length": [lay.held_entries() for lay in self.layers],
             "sliding": [lay.is_sliding for lay in self.layers],
+            "kept_entries": [lay.kept_entries() for lay in self.layers],
+            "policy": getattr(self.config.policy, "name", type(self.config.policy).__name__),
             "kv_bytes": kv_bytes,
             "allocated_bytes": sum(lay.allocated_bytes() for lay in layers),
             "full_kv_bytes": full_bytes,
@@ -212,7 +233,8 @@ class SnapKVCache(LayerMajorCache):
         }
 
     def kept_positions(self, layer_idx: int) -> Optional[Tensor]:
-        """Logical positions ``[B, H_kv, held]`` of the entries layer ``layer_idx`` holds."""
+        """Logical positions ``[B, H_kv, held]`` of the entries layer ``layer_idx`` holds (under a
+        per-head policy ``held`` is the longest head's, the others padded with -1 at the end)."""
         return self.layers[layer_idx].positions
 
     def reset(self) -> None:

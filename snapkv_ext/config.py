@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 # The budget when neither max_capacity_prompt nor compression_ratio is given (the paper's 1024).
 DEFAULT_MAX_CAPACITY_PROMPT = 1024
@@ -25,6 +25,10 @@ class SnapKVConfig:
     cache stays at the budget over turns. ``use_reference``: compress with the plain-torch
     reference (float64) instead of the native op, for debugging. ``decode_reserve``: free entries
     allocated after a compression, for the tokens decoded next.
+
+    ``policy``: how the budget is spread over layers and KV heads, a name in
+    :data:`snapkv_ext.policies.POLICIES` (``snapkv``, the default: uniform; ``pyramidkv``;
+    ``adakv``; ``ada-pyramidkv``) or a policy object (:mod:`snapkv_ext.policies`); stored resolved.
     """
 
     max_capacity_prompt: Optional[int] = None
@@ -36,6 +40,7 @@ class SnapKVConfig:
     recompress: bool = True
     use_reference: bool = False
     decode_reserve: int = 128
+    policy: Any = "snapkv"
 
     def __post_init__(self):
         def bad(msg):
@@ -65,6 +70,22 @@ class SnapKVConfig:
             bad(f"group_reduce must be one of {GROUP_REDUCES}, got {self.group_reduce!r}")
         if not isinstance(self.decode_reserve, int) or self.decode_reserve < 0:
             bad(f"decode_reserve must be a non-negative integer, got {self.decode_reserve!r}")
+        from .policies import resolve
+
+        try:
+            object.__setattr__(self, "policy", resolve(self.policy))
+        except ValueError as e:
+            bad(str(e))
+
+    def to_dict(self) -> dict:
+        """The settings as plain (JSON-able) data: a built-in policy as ``{"name": ..., **params}``
+        (:func:`snapkv_ext.policies.describe`), a policy of one's own as its ``repr``."""
+        from dataclasses import asdict
+
+        from .policies import POLICIES, describe
+
+        p = self.policy
+        return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p))
 
     def max_capacity_prompt_for(self, prompt_length: int) -> int:
         """Kept entries per KV head for a prompt of ``prompt_length`` tokens (window included)."""

@@ -23,7 +23,8 @@ from torch import Tensor
 from .adapters import AttentionLayer, attention_layers
 from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
 from .config import SnapKVConfig
-from .layers import SlidingWindowLayer, SnapKVLayer
+from .layers import RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
+from .policies import SelectionPolicy
 
 try:
     from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
@@ -82,19 +83,19 @@ class DocumentLayer(SnapKVLayer):
     (with its own window) and drops the backing."""
 
     def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory, model_name: str,
-                 keys: Tensor, values: Tensor, q_tail: Tensor):
-        super().__init__(config, attention, memory, model_name)
+                 keys: Tensor, values: Tensor, q_tail: Tensor, **placement):
+        super().__init__(config, attention, memory, model_name, **placement)
         self.backing: Optional[Tuple[Tensor, Tensor, Tensor]] = (keys, values, q_tail)
         self.logical = keys.shape[2]
 
     def visible_length(self) -> int:
-        return self.physical + (self.backing[0].shape[2] if self.backing is not None else 0)
+        return super().visible_length() + (self.backing[0].shape[2] if self.backing is not None else 0)
 
     def selects(self, n: int) -> int:
         if self.backing is None:
             return super().selects(n)
         total = self.logical + n
-        cap = self.config.max_capacity_prompt_for(total)
+        cap = self.capacity_for(total)
         return cap if total > cap else 0
 
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
@@ -130,6 +131,11 @@ class DocumentLayer(SnapKVLayer):
         self.backing = None
 
 
+class RaggedDocumentLayer(DocumentLayer, RaggedSnapKVLayer):
+    """A document-backed global layer under a per-head policy: the first prefill selects from the
+    document plus the question into the ragged store (:class:`RaggedSnapKVLayer`)."""
+
+
 class DocumentCache(SnapKVCache):
     """A SnapKVCache whose layers start from a :class:`SnapKVDocument`: global layers backed by
     the document's full KV, sliding layers holding the document's last window."""
@@ -144,8 +150,9 @@ class DocumentCache(SnapKVCache):
             layer = SlidingWindowLayer(i, attention.sliding_window, self.memory, attention)
             layer.preload(d.keys[i], d.values[i], d.length)
             return layer
-        return DocumentLayer(self.config, attention, self.memory, self._model_name, d.keys[i], d.values[i],
-                             d.q_tails[i])
+        kind = RaggedDocumentLayer if self.config.policy.per_head else DocumentLayer
+        return kind(self.config, attention, self.memory, self._model_name, d.keys[i], d.values[i], d.q_tails[i],
+                    rank=self._global.index(i), num_global=len(self._global))
 
 
 class SnapKVDocument:
@@ -156,8 +163,9 @@ class SnapKVDocument:
     model : a supported causal LM (see SnapKVCache)
     input_ids : Tensor [1, L] or [L]
         The document's token ids (one document; questions are batched in :meth:`generate`).
-    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce :
-        SnapKV settings applied to document + question (see :class:`SnapKVConfig`).
+    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy :
+        SnapKV settings applied to document + question (see :class:`SnapKVConfig`); :meth:`save`
+        keeps a built-in policy, not one of one's own.
     max_question_tokens : int
         Longest question accepted (default 2048).
     chunk_size : int, optional
@@ -171,10 +179,10 @@ class SnapKVDocument:
     def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = 7,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
-                 decode_reserve: int = 128, chunk_size: Optional[int] = None):
+                 decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv"):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
-                                   group_reduce=group_reduce, decode_reserve=decode_reserve)
+                                   group_reduce=group_reduce, decode_reserve=decode_reserve, policy=policy)
         if not isinstance(max_question_tokens, int) or max_question_tokens < 1:
             raise ValueError(f"max_question_tokens must be a positive integer, got {max_question_tokens!r}")
         ids = self._as_ids(input_ids, "input_ids")
@@ -218,8 +226,10 @@ class SnapKVDocument:
         and last queries, the settings, the model's fingerprint); :meth:`load` reads it back."""
         import dataclasses
 
-        torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model),
-                        config=dataclasses.asdict(self.config), max_question_tokens=self.max_question_tokens,
+        from .policies import describe
+
+        config = dict(dataclasses.asdict(self.config), policy=describe(self.config.policy))
+        torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model), config=config, max_question_tokens=self.max_question_tokens,
                         input_ids=self.input_ids.cpu(), keys=[k.cpu() for k in self.keys],
                         values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)
 
@@ -321,12 +331,21 @@ class SnapKVDocument:
         """Bytes of the document's full KV in the store."""
         return sum(2 * k.numel() * k.element_size() for k in self.keys)
 
-    def cache_for(self, model=None) -> SnapKVCache:
+    def cache_for(self, model=None, config: Optional[SnapKVConfig] = None) -> SnapKVCache:
         """A fresh SnapKVCache backed by this document: pass it to ``model.generate`` with
-        ``input_ids = cat(document ids, question ids)`` (only the question is run)."""
+        ``input_ids = cat(document ids, question ids)`` (only the question is run). ``config``:
+        other settings than the document's (a budget, a policy, pooling; the window at most the
+        document's, whose last queries it kept), e.g. to compare settings on one reading."""
         if model is not None and model is not self.model:
             raise ValueError("this document was read by another model; read it again with this one")
-        return self._backed_cache(self.config)
+        if config is None:
+            return self._backed_cache(self.config)
+        if not isinstance(config, SnapKVConfig):
+            raise ValueError(f"config must be a SnapKVConfig, got {type(config).__name__}")
+        if config.window_size > self.config.window_size:
+            raise ValueError(f"config: window_size {config.window_size} is larger than the document's "
+                             f"({self.config.window_size}), whose last queries it kept")
+        return self._backed_cache(config)
 
     def _backed_cache(self, config: SnapKVConfig) -> SnapKVCache:
         return DocumentCache(self, config)
@@ -366,9 +385,11 @@ class SnapKVDocument:
         return self._generate_batch(questions, max_new_tokens)
 
     def _generate_batch(self, questions: List[Tensor], max_new_tokens: int) -> List[List[int]]:
-        if any(a.sliding_window is not None for a in self._attention):
-            # Sliding and global layers hold different lengths, which one left-padded 2D mask
-            # cannot describe: each question is decoded on its own (same answers, no batching).
+        if any(a.sliding_window is not None for a in self._attention) \
+                or type(self.config.policy) is not SelectionPolicy:
+            # Sliding and global layers (or, under a budget policy, layers and heads) hold different
+            # lengths, which one left-padded 2D mask cannot describe: each question is decoded on
+            # its own (same answers, no batching).
             return [self.generate(q, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
                     for q in questions]
         prefills = [self.prefill(q) for q in questions]

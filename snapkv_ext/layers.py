@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import ops, policies, reference, routing
 from .adapters import AttentionLayer
 from .config import SnapKVConfig
 
@@ -81,9 +81,12 @@ class SnapKVLayer(_ReindexableLayer):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory: PrefillMemory, model_name: str):
+    def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory: PrefillMemory, model_name: str,
+                 rank: int = 0, num_global: int = 1):
         super().__init__()
         self.config = config
+        # this layer's place among the model's global layers: the policy's layer budgets index by it
+        self.rank, self.num_global = rank, num_global
         self.attention = attention
         self.layer_idx = attention.layer_idx
         self._memory = memory
@@ -108,15 +111,23 @@ class SnapKVLayer(_ReindexableLayer):
         if self.prompt_length is not None:
             if self.logical + n < self.prompt_length:
                 return 0
-            cap = cfg.max_capacity_prompt_for(self.prompt_length)
+            cap = self.capacity_for(self.prompt_length)
             return cap if self.prompt_length > cap else 0
-        if self.physical == 0:
-            cap = cfg.max_capacity_prompt_for(n)
+        if self.visible_length() == 0:
+            cap = self.capacity_for(n)
             return cap if n > cap else 0
         if n == 1 or not cfg.recompress or n <= cfg.window_size:
             return 0
-        cap = cfg.max_capacity_prompt_for(self.logical + n)
-        return cap if self.physical + n > cap else 0
+        cap = self.capacity_for(self.logical + n)
+        return cap if self.visible_length() + n > cap else 0
+
+    def capacity_for(self, prompt_length: int) -> int:
+        """Kept entries per KV head (on average over the heads) of this layer for a prompt of
+        ``prompt_length`` tokens: the policy's share of the uniform budget."""
+        cfg = self.config
+        cap = cfg.max_capacity_prompt_for(prompt_length)
+        caps = cfg.policy.layer_capacities(cap, cfg.window_size, self.num_global)
+        return policies.check_capacities(cfg.policy, caps, cap, cfg.window_size, self.num_global)[self.rank]
 
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
         """Queries ``[B, H_q, w, D]`` of the window that will select."""
@@ -235,6 +246,20 @@ class SnapKVLayer(_ReindexableLayer):
         self.logical += n
         return self.keys, self.values
 
+    def kept_entries(self) -> int:
+        """Entries held over every row and KV head."""
+        return 0 if self.physical == 0 else self.physical * self.keys.shape[0] * self.keys.shape[1]
+
+    def kept_lengths(self) -> Optional[Tensor]:
+        """Entries each (batch row, KV head) holds: ``[B, H_kv]`` int64 (here all equal; None
+        before the first update)."""
+        return None if self.physical == 0 else torch.full(self.keys.shape[:2], self.physical, dtype=torch.int64)
+
+    def entry_bytes(self) -> int:
+        """Bytes of one position over every row and KV head (keys and values)."""
+        return 0 if self.physical == 0 else 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * \
+            self.keys.element_size()
+
     def begin_chunks(self, prompt_length: int) -> None:
         """Expect a ``prompt_length``-token prompt in chunks (layer-major prefill): hold every chunk
         in one buffer of the prompt's size, and select over all of it, with the last chunk's
@@ -310,6 +335,192 @@ class SnapKVLayer(_ReindexableLayer):
 
     def allocated_bytes(self) -> int:
         return 0 if self._kbuf is None else 2 * self._kbuf.numel() * self._kbuf.element_size()
+
+
+def _exclusive_cumsum(x: Tensor) -> Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+def _segment_index(lengths: Tensor):
+    """For segments of ``lengths [R]``: each entry's segment and its index in it (flat, in order)."""
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    inner = torch.arange(seg.numel(), device=lengths.device) - torch.repeat_interleave(_exclusive_cumsum(lengths), lengths)
+    return seg, inner
+
+
+class RaggedSnapKVLayer(SnapKVLayer):
+    """A global layer under a per-head policy (AdaKV): each (batch row, KV head) keeps its own number
+    of entries, stored exactly. Until its first selection it is a dense :class:`SnapKVLayer`; after,
+    one flat store ``[rows, D]`` (keys, values, positions) holds segment ``(b, h)`` at rows
+    ``starts[b, h] ..`` ``+ lengths[b, h]`` with ``decode_reserve`` free rows after each (amortised
+    growth, like the dense buffer). Left padding is never stored. Decoding appends in place and
+    attends through :func:`snapkv_ext.ops.ragged_attention` (:mod:`snapkv_ext.routing`)."""
+
+    def __init__(self, *args, **kwargs):
+        self._lengths: Optional[Tensor] = None
+        self._dense_positions: Optional[Tensor] = None
+        super().__init__(*args, **kwargs)
+        self._rk = self._rv = self._rp = self._starts = self._caps = None
+
+    @property
+    def ragged(self) -> bool:
+        return self._lengths is not None
+
+    # `positions` is the dense layer's attribute; ragged: [B, H_kv, longest] padded with -1
+    @property
+    def positions(self) -> Optional[Tensor]:
+        if not self.ragged:
+            return self._dense_positions
+        B, H = self._lengths.shape
+        seg, inner = _segment_index(self._lengths.flatten())
+        out = torch.full((B * H, int(self._lengths.max())), -1, dtype=torch.int64, device=self._rp.device)
+        out[seg, inner] = self._rp[self._rows(self._starts, self._lengths)]
+        return out.view(B, H, -1)
+
+    @positions.setter
+    def positions(self, value) -> None:
+        self._dense_positions = value
+
+    def kept_lengths(self) -> Optional[Tensor]:
+        return self._lengths.clone() if self.ragged else super().kept_lengths()
+
+    def visible_length(self) -> int:
+        return int(self._lengths.max()) if self.ragged else self.physical
+
+    # -- the flat store
+    @staticmethod
+    def _rows(starts: Tensor, lengths: Tensor) -> Tensor:
+        seg, inner = _segment_index(lengths.flatten())
+        return starts.flatten()[seg] + inner
+
+    def _lay_out(self, k: Tensor, v: Tensor, p: Tensor, lengths: Tensor, reserve: int) -> None:
+        """Make entries ``k, v [N, D]``, ``p [N]`` (segments in (b, h) order, ``lengths [B, H]``) the
+        whole content, with ``reserve`` free rows after each segment."""
+        caps = lengths + reserve
+        starts = _exclusive_cumsum(caps.flatten()).view_as(lengths)
+        total, D = int(caps.sum()), k.shape[-1]
+        self._rk = k.new_empty((total, D))
+        self._rv = torch.empty_like(self._rk)
+        self._rp = p.new_empty((total,))
+        rows = self._rows(starts, lengths)
+        self._rk[rows], self._rv[rows], self._rp[rows] = k, v, p
+        self._starts, self._lengths, self._caps = starts, lengths.clone(), caps
+        self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
+        self.physical = 0
+        self._dense_positions = None
+        self._shape = (lengths.shape[0], lengths.shape[1], D, k.element_size())
+
+    def _store_kept(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, keep: Tensor) -> None:
+        self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.decode_reserve)
+
+    def _scores(self, pending: PendingSelection, keys: Tensor, pad: Optional[Tensor]) -> Tensor:
+        cfg, att = self.config, self.attention
+        mod = reference if cfg.use_reference else ops
+        s = mod.window_scores(pending.q_window.to(keys.dtype), keys, pad, cfg.group_reduce, scale=att.scale,
+                              softcap=att.softcap)
+        return mod.pool_scores(s, cfg.kernel_size, cfg.pooling, pad)
+
+    def _keep(self, scores: Tensor, pad: Optional[Tensor], pending: PendingSelection) -> Tensor:
+        B, H, P = scores.shape
+        cfg, w = self.config, pending.q_window.shape[2]
+        valid = policies.valid_prefix(pad, B, H, P, scores.device)
+        budget = pending.max_capacity_prompt - w
+        counts = policies.check_counts(cfg.policy, cfg.policy.head_counts(scores, budget, valid), budget, valid, (B, H))
+        return policies.keep_mask(scores, counts, pad, w)
+
+    def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: PendingSelection) -> None:
+        L, w = k_all.shape[2], pending.q_window.shape[2]
+        pad = pending.pad_lengths
+        clamped = None if pad is None or not bool((pad > 0).any()) else pad.clamp(max=L - w)
+        keep = self._keep(self._scores(pending, k_all, clamped), pad, pending)
+        self._store_kept(k_all, v_all, pos_all, keep)
+        self.compressions += 1
+
+    def _reselect(self, pending: PendingSelection) -> None:
+        """A new turn (already appended): select again over each head's entries, its segment left-
+        padded to the longest for scoring (each (b, h) a row of its own)."""
+        B, H = self._lengths.shape
+        n_max = int(self._lengths.max())
+        lengths = self._lengths.flatten()
+        seg, inner = _segment_index(lengths)
+        col = (n_max - lengths)[seg] + inner
+        rows = self._rows(self._starts, self._lengths)
+        D = self._rk.shape[1]
+        kd = self._rk.new_zeros((B * H, 1, n_max, D))
+        vd = torch.zeros_like(kd)
+        pd = self._rp.new_full((B * H, 1, n_max), -1)
+        kd[seg, 0, col], vd[seg, 0, col], pd[seg, 0, col] = self._rk[rows], self._rv[rows], self._rp[rows]
+        q = pending.q_window
+        w = q.shape[2]
+        q = q.reshape(B, H, q.shape[1] // H, w, q.shape[3]).reshape(B * H, q.shape[1] // H, w, q.shape[3])
+        pad = n_max - lengths  # every segment holds the new turn's tokens, more than the window
+        scores = self._scores(PendingSelection(q, pad, pending.max_capacity_prompt), kd, pad)
+        keep = self._keep(scores.view(B, H, -1), pad.view(B, H), pending)
+        self._store_kept(kd.view(B, H, n_max, D), vd.view(B, H, n_max, D), pd.view(B, H, n_max), keep)
+        self.compressions += 1
+
+    def _append_ragged(self, k: Tensor, v: Tensor) -> None:
+        B, H, n, D = k.shape
+        if bool((self._lengths + n > self._caps).any()):  # grow: amortised, not one copy per token
+            rows = self._rows(self._starts, self._lengths)
+            reserve = max(self.config.decode_reserve, int(self._lengths.max()) // 4, n)
+            self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], self._lengths, reserve)
+        dest = (self._starts + self._lengths)[..., None] + torch.arange(n, device=self._starts.device)
+        dest = dest.flatten()
+        self._rk[dest] = k.reshape(-1, D)
+        self._rv[dest] = v.reshape(-1, D)
+        self._rp[dest] = torch.arange(self.logical, self.logical + n, device=self._rp.device).repeat(B * H)
+        self._lengths = self._lengths + n
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
+        if not self.ragged or self.prompt_length is not None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[0] != self._lengths.shape[0]:
+            _check_batch(self._lengths, key_states.shape[0])
+        self.attention.check_kv_heads(key_states.shape[1])
+        n = key_states.shape[2]
+        pending = self._take_pending(n)
+        self._append_ragged(key_states, value_states)
+        self.logical += n
+        keys = self._rk
+        routing.mark(keys, routing.RaggedKV(self._starts, self._lengths, n, self._rv, self.config.use_reference))
+        if pending is not None:  # this forward attends over everything; the store keeps the selection
+            self._reselect(pending)
+            self._memory.record(keys[:0])
+        return keys, self._rv
+
+    def _map_buffers(self, fn) -> None:
+        if not self.ragged:
+            return super()._map_buffers(fn)
+        starts, lengths = fn(self._starts), fn(self._lengths)
+        rows = self._rows(starts, lengths)
+        self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], lengths, self.config.decode_reserve)
+
+    def reset(self) -> None:
+        super().reset()
+        self._rk = self._rv = self._rp = self._starts = self._lengths = self._caps = None
+
+    def held_entries(self) -> int:
+        return self.visible_length()
+
+    def kept_entries(self) -> int:
+        return int(self._lengths.sum()) if self.ragged else super().kept_entries()
+
+    def entry_bytes(self) -> int:
+        if not self.ragged:
+            return super().entry_bytes()
+        B, H, D, elem = self._shape
+        return 2 * B * H * D * elem
+
+    def nbytes(self) -> int:
+        if not self.ragged:
+            return super().nbytes()
+        return 2 * int(self._lengths.sum()) * self._rk.shape[1] * self._rk.element_size()
+
+    def allocated_bytes(self) -> int:
+        if not self.ragged:
+            return super().allocated_bytes()
+        return 2 * self._rk.numel() * self._rk.element_size()
 
 
 class SlidingWindowLayer(_ReindexableLayer):
@@ -399,6 +610,13 @@ class SlidingWindowLayer(_ReindexableLayer):
     def full_entries(self) -> int:
         """Entries per KV head Transformers' own sliding layer would hold now."""
         return self.held_entries()
+
+    def kept_entries(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2]
+
+    def entry_bytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * \
+            self.keys.element_size()
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()

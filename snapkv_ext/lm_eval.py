@@ -48,7 +48,6 @@ lm-eval's own command line does not discover third-party model types, hence
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import inspect
@@ -269,13 +268,13 @@ class SnapKVLM(HFLM):
     # -- settings
     @property
     def setting_name(self) -> str:
-        """``full``, ``snapkv-25%`` or ``snapkv-1024``."""
+        """``full``, or the policy and the budget: ``snapkv-25%``, ``adakv-1024``."""
         c = self.snapkv_config
         if c is None:
             return "full"
         if c.compression_ratio is not None:
-            return f"snapkv-{c.compression_ratio * 100:g}%"
-        return f"snapkv-{c.max_capacity_prompt}"
+            return f"{c.policy.name}-{c.compression_ratio * 100:g}%"
+        return f"{c.policy.name}-{c.max_capacity_prompt}"
 
     def set_cache(self, config: Optional[SnapKVConfig]) -> None:
         """Switch the cache every later ``generate`` uses: a :class:`SnapKVConfig`, or None for the full cache."""
@@ -341,7 +340,7 @@ class SnapKVLM(HFLM):
         info = {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
                 "model_dtype": str(getattr(self.model, "dtype", "")), "cache": self.setting_name}
         if self.snapkv_config is not None:
-            info["snapkv_config"] = dataclasses.asdict(self.snapkv_config)
+            info["snapkv_config"] = self.snapkv_config.to_dict()
         return info
 
 

@@ -159,6 +159,46 @@ def snapkv_compress_into(
     )
 
 
+def ragged_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    starts: Tensor,
+    lengths: Tensor,
+    scale: float,
+    softcap: Optional[float] = None,
+) -> Tensor:
+    """Causal attention of the n newest queries over a ragged, per-head KV store (decoding with
+    per-head budgets: every KV head keeps its own number of entries).
+
+    Parameters
+    ----------
+    q : Tensor [B, H_q, n, D]
+        Queries of the n new tokens (n = 1 when decoding), after RoPE; float32/float16/bfloat16,
+        last dim contiguous (other strides arbitrary).
+    keys, values : Tensor [N, D]
+        The flat store, same dtype and device as ``q``, rows contiguous (the row stride may exceed
+        D). It holds every (batch row, KV head) segment and may have unused rows between them.
+    starts, lengths : Tensor [B, H_kv] int64
+        Segment (b, h) is rows ``starts[b, h] .. starts[b, h] + lengths[b, h] - 1`` in position
+        order; its last n rows are the n new tokens. Needs ``lengths >= n``, ``starts >= 0`` and
+        ``starts + lengths <= N`` (checked; on CUDA the check reads the values: one host sync).
+        ``H_q % H_kv == 0``: query head hq reads KV head ``hq // (H_q // H_kv)``.
+    scale : float
+        Logit scale (the attention module's ``scaling``, e.g. ``1 / sqrt(D)``); finite, positive.
+    softcap : float, optional
+        Logit soft-capping (Gemma 2): the scaled logit x becomes ``softcap * tanh(x / softcap)``.
+
+    Returns
+    -------
+    Tensor [B, H_q, n, D], dtype of ``q``, contiguous
+        ``sum_j softmax_j(cap(scale * q_i . k_j)) v_j`` over segment entries ``j <= lengths - n + i``
+        for new token i (every segment row is a valid entry: no padding mask), softmax and
+        accumulation in fp32.
+    """
+    return _ops.ragged_attention(q, keys, values, starts, lengths, scale, softcap)
+
+
 # ---- fake (meta) implementations, for torch.compile and opcheck ----
 # They check what csrc/checks.cpp checks about shapes, dtypes, devices and scalar arguments, with
 # the same messages, so a wrong call fails while tracing as it would at run time. Checks of tensor
@@ -353,3 +393,44 @@ def _snapkv_compress_into_fake(
     c = min(L, max_capacity_prompt)
     _check_kv_out(keys, c, "min(L, max_capacity_prompt)", keys_out, values_out)
     return keys.new_empty((B, H_kv, c), dtype=torch.int64)
+
+
+def _check_ragged(q, keys, values, starts, lengths, scale, softcap) -> None:
+    _check(q.dim() == 4, lambda: f"q must be [B, H_q, n, D], got {_shape(q)}")
+    _check(keys.dim() == 2, lambda: f"keys must be [N, D], got {_shape(keys)}")
+    _check(values.dim() == 2, lambda: f"values must be [N, D], got {_shape(values)}")
+    _check_float(q, "q")
+    _check(keys.dtype == q.dtype and values.dtype == q.dtype,
+           lambda: f"keys and values must have the dtype of q ({q.dtype}), got {keys.dtype} and {values.dtype}")
+    _check(keys.device == q.device and values.device == q.device and starts.device == q.device
+           and lengths.device == q.device,
+           lambda: f"keys, values, starts and lengths must be on the device of q ({q.device}), got {keys.device}, "
+                   f"{values.device}, {starts.device} and {lengths.device}")
+    B, H_q, n, D = q.shape
+    _check(B > 0 and H_q > 0 and n > 0 and D > 0, lambda: f"q must be non-empty, got {_shape(q)}")
+    _check(keys.shape[1] == D, lambda: f"keys must be [N, D] with the head dim of q (D = {D}), got {_shape(keys)}")
+    _check(values.shape == keys.shape,
+           lambda: f"values must have the shape of keys {_shape(keys)}, got {_shape(values)}")
+    _check(q.stride(3) == 1 or D == 1, lambda: f"q must be contiguous in its last dim, got strides {list(q.stride())}")
+    _check(keys.stride(1) == 1 or D == 1,
+           lambda: f"keys must have contiguous rows (stride(1) == 1), got strides {list(keys.stride())}")
+    _check(values.stride(1) == 1 or D == 1,
+           lambda: f"values must have contiguous rows (stride(1) == 1), got strides {list(values.stride())}")
+    _check(starts.dtype == torch.int64, lambda: f"starts must be int64, got {starts.dtype}")
+    _check(lengths.dtype == torch.int64, lambda: f"lengths must be int64, got {lengths.dtype}")
+    _check(starts.dim() == 2 and starts.shape[0] == B and starts.shape[1] > 0,
+           lambda: f"starts must be [B, H_kv] with B = q.size(0) = {B} and H_kv > 0, got {_shape(starts)}")
+    _check(lengths.shape == starts.shape,
+           lambda: f"lengths must have the shape of starts {_shape(starts)}, got {_shape(lengths)}")
+    H_kv = starts.shape[1]
+    _check(H_q % H_kv == 0, lambda: f"H_q must be a multiple of H_kv (GQA), got H_q = {H_q} and H_kv = {H_kv}")
+    _check(math.isfinite(_as_float32(scale)) and _as_float32(scale) > 0,
+           lambda: f"scale must be finite and positive, got {scale}")
+    _check(softcap is None or (math.isfinite(_as_float32(softcap)) and _as_float32(softcap) > 0),
+           lambda: f"softcap must be None or finite and positive, got {softcap}")
+
+
+@torch.library.register_fake("snapkv::ragged_attention")
+def _ragged_attention_fake(q, keys, values, starts, lengths, scale, softcap=None):
+    _check_ragged(q, keys, values, starts, lengths, scale, softcap)
+    return q.new_empty(q.shape)

@@ -11,8 +11,8 @@ SnapKV gives every KV head of every global layer the same budget. A policy decid
 
 Each head then keeps its own best ``counts[b, h]`` prefix positions (by its pooled score) and the
 whole observation window. A policy whose counts may differ between the heads of a layer says
-``per_head = True``: its layers are to be stored ragged (exactly what is kept; issue 11, the
-cache side is not wired yet: ``SnapKVCache`` runs SnapKV's uniform policy today).
+``per_head = True``: its layers are stored ragged (:class:`snapkv_ext.layers.RaggedSnapKVLayer`,
+exactly what is kept, decoded through :func:`snapkv_ext.ops.ragged_attention`).
 
 Built in (:data:`POLICIES`): ``snapkv`` (uniform, the default), ``pyramidkv`` (layer budgets
 falling linearly from the lowest to the highest layer, same total), ``adakv`` (per layer: a floor
@@ -28,8 +28,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["SelectionPolicy", "PyramidKV", "AdaKV", "AdaPyramidKV", "POLICIES", "resolve", "prefix_ranks",
-           "keep_mask", "valid_prefix"]
+__all__ = ["SelectionPolicy", "PyramidKV", "AdaKV", "AdaPyramidKV", "POLICIES", "resolve", "describe",
+           "prefix_ranks", "keep_mask", "valid_prefix"]
 
 
 class SelectionPolicy:
@@ -52,8 +52,19 @@ class SelectionPolicy:
         policies: a head with fewer real entries than the budget cannot lend what it lacks)."""
         return valid.clamp(max=budget).to(torch.int64).clone()
 
+    def params(self) -> dict:
+        """The constructor's arguments (``type(self)(**self.params())`` is the same policy)."""
+        return {}
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        return f"{type(self).__name__}({', '.join(f'{k}={v:g}' for k, v in self.params().items())})"
+
+    # two policies are the same when their class and their params() are (configs compare equal)
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.params() == other.params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.params().items()))))
 
 
 class PyramidKV(SelectionPolicy):
@@ -81,8 +92,8 @@ class PyramidKV(SelectionPolicy):
             budgets[i % num_layers] += 1
         return [b + window_size for b in budgets]
 
-    def __repr__(self) -> str:
-        return f"PyramidKV(beta={self.beta:g})"
+    def params(self) -> dict:
+        return {"beta": self.beta}
 
 
 def prefix_ranks(scores: Tensor, valid: Tensor) -> Tensor:
@@ -134,8 +145,8 @@ class AdaKV(SelectionPolicy):
         chosen.scatter_(1, flat, take)
         return floor + chosen.view(B, H, P).sum(-1)
 
-    def __repr__(self) -> str:
-        return f"AdaKV(floor={self.floor:g})"
+    def params(self) -> dict:
+        return {"floor": self.floor}
 
 
 class AdaPyramidKV(AdaKV):
@@ -150,8 +161,8 @@ class AdaPyramidKV(AdaKV):
     def layer_capacities(self, max_capacity_prompt: int, window_size: int, num_layers: int) -> List[int]:
         return self._pyramid.layer_capacities(max_capacity_prompt, window_size, num_layers)
 
-    def __repr__(self) -> str:
-        return f"AdaPyramidKV(floor={self.floor:g}, beta={self._pyramid.beta:g})"
+    def params(self) -> dict:
+        return {"floor": self.floor, "beta": self._pyramid.beta}
 
 
 POLICIES = {p.name: p for p in (SelectionPolicy, PyramidKV, AdaKV, AdaPyramidKV)}
@@ -160,6 +171,8 @@ POLICIES = {p.name: p for p in (SelectionPolicy, PyramidKV, AdaKV, AdaPyramidKV)
 def resolve(policy) -> SelectionPolicy:
     """A policy object from a name in :data:`POLICIES` or an object with ``layer_capacities``,
     ``head_counts`` and ``per_head`` (checked here, one line naming what is missing)."""
+    if isinstance(policy, dict) and isinstance(policy.get("name"), str) and policy["name"] in POLICIES:
+        return POLICIES[policy["name"]](**{k: v for k, v in policy.items() if k != "name"})  # describe()'s
     if isinstance(policy, str):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)} or a policy object, got {policy!r}")
@@ -174,6 +187,15 @@ def resolve(policy) -> SelectionPolicy:
                          "layer_capacities(max_capacity_prompt, window_size, num_layers), "
                          "head_counts(scores, budget, valid) and per_head (see snapkv_ext.policies)")
     return policy
+
+
+def describe(policy) -> dict:
+    """A built-in policy as plain data (``{"name": ..., **params}``), what a saved document
+    stores; :func:`resolve` reads it back. A policy of one's own is refused in one line."""
+    if type(policy) not in POLICIES.values():
+        raise ValueError(f"policy {type(policy).__name__} is not a built-in policy ({', '.join(POLICIES)}): "
+                         "it cannot be saved with a document")
+    return {"name": policy.name, **policy.params()}
 
 
 def check_capacities(policy, capacities, max_capacity_prompt: int, window_size: int, num_layers: int) -> List[int]:

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import routing
 from .adapters import attention_layers, decoder_layers
 from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
 from .layers import SnapKVLayer
@@ -121,7 +122,7 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
         m = att.module
         per_entry = 2 * B * att.kv_heads * m.head_dim * elem  # this process's heads under tensor parallelism
         if isinstance(layer, SnapKVLayer):
-            cap = min(L, cache.config.max_capacity_prompt_for(L))
+            cap = min(L, layer.capacity_for(L))  # under a per-head policy: the heads' mean
             kept.append(per_entry * (cap + reserve))
             full.append(per_entry * (L + reserve) + kept[-1])
         else:
@@ -142,7 +143,7 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
         q_heads = a.q_heads
         if q_heads != a.kv_heads:
             attention += 2 * B * q_heads * L * a.module.head_dim * elem
-        if getattr(cfg, "_attn_implementation", "sdpa") == "eager":
+        if (getattr(cfg, "_attn_implementation", None) or "sdpa").removeprefix(routing.PREFIX) == "eager":
             attention += 2 * B * q_heads * c * L * 4
     on_cpu = hidden_device is not None and torch.device(hidden_device).type == "cpu" and p.is_cuda
     parts = dict(hidden=0 if on_cpu else B * L * H * elem, layer_kv=max(full) - kept[full.index(max(full))],

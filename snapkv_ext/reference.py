@@ -123,16 +123,25 @@ def policy_keep(
     (ties: lower head, then lower position). Left padding is never kept; the window always is."""
     B, H, L, _ = keys.shape
     w = q_window.shape[2]
-    P = L - w
-    pad = [0] * B if pad_lengths is None else [int(x) for x in pad_lengths]
-    scored_pad = None if pad_lengths is None else pad_lengths.clamp(max=P)  # the ops take padding up to P
+    scored_pad = None if pad_lengths is None else pad_lengths.clamp(max=L - w)  # the ops take padding up to P
     s = pool_scores(window_scores(q_window, keys, scored_pad, group_reduce, scale, softcap), kernel_size, pooling,
                     scored_pad)
+    return policy_keep_scored(s, w, max_capacity_prompt, policy, floor, pad_lengths)
+
+
+def policy_keep_scored(scores: Tensor, window_size: int, max_capacity_prompt: int, policy: str = "snapkv",
+                       floor: float = 0.2, pad_lengths: Optional[Tensor] = None) -> Tensor:
+    """:func:`policy_keep` from pooled scores ``[B, H_kv, P]`` (however they were computed, e.g.
+    from a model's own attention probabilities): ``[B, H_kv, P + window_size]`` bool."""
+    B, H, P = scores.shape
+    w = window_size
+    L = P + w
+    pad = [0] * B if pad_lengths is None else [int(x) for x in pad_lengths]
     keep = torch.zeros(B, H, L, dtype=torch.bool)
     for b in range(B):
         first = min(pad[b], P)
         k = min(max_capacity_prompt - w, P - first)
-        row = s[b].tolist()
+        row = scores[b].tolist()
         ranked = [sorted(range(first, P), key=lambda j, h=h: _rank_key(row[h][j], j)) for h in range(H)]
         if policy in ("adakv", "ada-pyramidkv"):
             base = math.floor(floor * k)
@@ -191,3 +200,36 @@ def snapkv_compress_into(
     keys_out.copy_(k_out)
     values_out.copy_(v_out)
     return pos
+
+
+def ragged_attention(
+    q: Tensor, keys: Tensor, values: Tensor, starts: Tensor, lengths: Tensor, scale: float,
+    softcap: Optional[float] = None, dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Reference of :func:`snapkv_ext.ops.ragged_attention`: ``[B, H_q, n, D]`` in q's dtype,
+    computed in ``dtype`` (float64 by default; float32 to measure what fp32 costs anyway).
+
+    Segment (b, h) is ``keys[starts[b, h] : starts[b, h] + lengths[b, h]]``; new token i of query
+    head hq (KV head ``hq // G``) attends to its entries ``0 .. lengths[b, h] - n + i``.
+    """
+    B, H_q, n, D = q.shape
+    H_kv = starts.shape[1]
+    group = H_q // H_kv
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or finite and positive, got {softcap}")
+    out = torch.empty(B, H_q, n, D, dtype=dtype, device=q.device)
+    st, ln = starts.cpu().tolist(), lengths.cpu().tolist()
+    i = torch.arange(n, device=q.device)
+    for b in range(B):
+        for h in range(H_kv):
+            s0, L = st[b][h], ln[b][h]
+            k = keys[s0 : s0 + L].to(dtype)  # [L, D]
+            v = values[s0 : s0 + L].to(dtype)
+            qh = q[b, h * group : (h + 1) * group].to(dtype)  # [G, n, D]
+            logits = torch.einsum("gid,jd->gij", qh, k) * scale
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            visible = torch.arange(L, device=q.device)[None, :] <= (L - n + i)[:, None]  # [n, L]
+            logits = logits.masked_fill(~visible[None], float("-inf"))
+            out[b, h * group : (h + 1) * group] = torch.einsum("gij,jd->gid", torch.softmax(logits, dim=-1), v)
+    return out.to(q.dtype)

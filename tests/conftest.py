@@ -77,3 +77,46 @@ def left_pad(rows):
         ids[i, n - r.shape[1]:] = r[0]
         mask[i, n - r.shape[1]:] = 1
     return ids, mask
+
+
+# ---- ragged attention: a flat per-head store and the error rule ----
+
+
+def ragged_store(lengths, D, dtype, device, gen, gap=3, row_stride=None, offset=0):
+    """A flat KV store holding one segment per (b, h) of ``lengths`` [B, H_kv] (a list of lists),
+    with ``gap`` unused rows before each segment (filled with huge values, so reading one shows),
+    rows of ``row_stride`` elements (>= D; the view is [N, D]) starting ``offset`` elements into the
+    buffer (offset 1: rows not 16-byte aligned). Returns (keys, values, starts, lengths) on device."""
+    row_stride = D if row_stride is None else row_stride
+    ln = torch.tensor(lengths, dtype=torch.int64)
+    starts = torch.empty_like(ln)
+    pos = 0
+    for idx in range(ln.numel()):
+        pos += gap
+        starts.view(-1)[idx] = pos
+        pos += int(ln.view(-1)[idx])
+    N = pos + gap
+    out = []
+    for _ in range(2):
+        buf = torch.full((N * row_stride + offset,), 1e4)
+        store = buf[offset:].view(N, row_stride)
+        for idx in range(ln.numel()):
+            s0, L = int(starts.view(-1)[idx]), int(ln.view(-1)[idx])
+            store[s0:s0 + L, :D] = torch.randn(L, D, generator=gen)
+        out.append(buf.to(dtype=dtype, device=device)[offset:].view(N, row_stride)[:, :D])
+    return out[0], out[1], starts.to(device), ln.to(device)
+
+
+def assert_attention_close(out, q, k, v, starts, lengths, scale, softcap=None):
+    """ragged_attention's output against the float64 reference: the error within ~2x what the
+    same reference run in fp32 (output in q's dtype) costs anyway."""
+    args = (starts.cpu(), lengths.cpu(), scale, softcap)
+    want = ref.ragged_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), *args)
+    low = ref.ragged_attention(q.cpu(), k.cpu(), v.cpu(), *args, dtype=torch.float32)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    got = out.cpu().double()
+    assert torch.isfinite(got).all()
+    ref_err = (low.double() - want).abs().max().item()
+    err = (got - want).abs().max().item()
+    floor = 1e-6 * want.abs().max().item() + 1e-7
+    assert err <= 2 * ref_err + floor, f"error {err:.3g} vs fp32 reference error {ref_err:.3g}"

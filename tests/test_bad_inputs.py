@@ -87,6 +87,42 @@ def cases(device):
          lambda: ops.snapkv_compress_into(q, k, v, 32, t(1, 2, 32, 64, device=device), v[:, :, 10:42])),
         ("max_capacity_prompt must be larger than the window",
          lambda: ops.snapkv_compress_into(q, k, v, 8, t(1, 2, 8, 64, device=device), t(1, 2, 8, 64, device=device))),
+        *ragged_cases(device),
+    ]
+
+
+def ragged_cases(device):
+    q, kv = t(1, 4, 1, 64, device=device), t(20, 64, device=device)
+    st = torch.tensor([[0, 10]], device=device)
+    ln = torch.tensor([[5, 10]], device=device)
+    ra = ops.ragged_attention
+    return [
+        ("q must be [B, H_q, n, D]", lambda: ra(q[0], kv, kv, st, ln, 0.1)),
+        ("keys must be [N, D]", lambda: ra(q, kv[None], kv, st, ln, 0.1)),
+        ("values must be [N, D]", lambda: ra(q, kv, kv[None], st, ln, 0.1)),
+        ("q must be float32, float16 or bfloat16", lambda: ra(q.double(), kv.double(), kv.double(), st, ln, 0.1)),
+        ("keys and values must have the dtype of q", lambda: ra(q, kv.half(), kv, st, ln, 0.1)),
+        ("keys and values must have the dtype of q", lambda: ra(q, kv, kv.bfloat16(), st, ln, 0.1)),
+        ("q must be non-empty", lambda: ra(t(1, 4, 0, 64, device=device), kv, kv, st, ln, 0.1)),
+        ("keys must be [N, D] with the head dim of q", lambda: ra(q, kv[:, :32], kv[:, :32], st, ln, 0.1)),
+        ("values must have the shape of keys", lambda: ra(q, kv, kv[:10], st, ln, 0.1)),
+        ("q must be contiguous in its last dim", lambda: ra(t(1, 4, 64, 2, device=device).transpose(2, 3)[:, :, :1], kv, kv, st,
+                                                            ln, 0.1)),
+        ("keys must have contiguous rows", lambda: ra(q, t(64, 20, device=device).t(), kv, st, ln, 0.1)),
+        ("values must have contiguous rows", lambda: ra(q, kv, t(64, 20, device=device).t(), st, ln, 0.1)),
+        ("starts must be int64", lambda: ra(q, kv, kv, st.int(), ln, 0.1)),
+        ("lengths must be int64", lambda: ra(q, kv, kv, st, ln.float(), 0.1)),
+        ("starts must be [B, H_kv]", lambda: ra(q, kv, kv, st[0], ln[0], 0.1)),
+        ("starts must be [B, H_kv]", lambda: ra(q, kv, kv, st.expand(2, 2), ln.expand(2, 2), 0.1)),
+        ("lengths must have the shape of starts", lambda: ra(q, kv, kv, st, ln[:, :1], 0.1)),
+        ("H_q must be a multiple of H_kv", lambda: ra(t(1, 3, 1, 64, device=device), kv, kv, st, ln, 0.1)),
+        ("scale must be finite and positive", lambda: ra(q, kv, kv, st, ln, 0.0)),
+        ("scale must be finite and positive", lambda: ra(q, kv, kv, st, ln, float("nan"))),
+        ("softcap must be None or finite and positive, got -1", lambda: ra(q, kv, kv, st, ln, 0.1, -1.0)),
+        ("lengths must be >= n", lambda: ra(t(1, 4, 6, 64, device=device), kv, kv, st, ln, 0.1)),
+        ("lengths must be >= n", lambda: ra(q, kv, kv, st, ln * 0, 0.1)),
+        ("segments must lie in the store", lambda: ra(q, kv, kv, st + 1, ln, 0.1)),
+        ("segments must lie in the store", lambda: ra(q, kv, kv, st - 1, ln, 0.1)),
     ]
 
 
@@ -102,7 +138,8 @@ def test_bad_input_message(device, case):
 
 # What needs tensor values or memory (pad_lengths and indices in range, outputs that overlap) is
 # checked at run time only; the fakes cannot see it.
-RUN_TIME_ONLY = ("pad_lengths values must be in", "indices must lie in", "share memory")
+RUN_TIME_ONLY = ("pad_lengths values must be in", "indices must lie in", "share memory", "lengths must be >= n",
+                 "segments must lie in the store")
 
 
 @pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)

@@ -53,6 +53,11 @@ def test_generate_file(tmp_path, capsys):
     assert code == 0, err
     assert "[snapkv-96]" in out and "[full]" in out
     assert not (tmp_path / "out").exists() and "wrote" not in out  # generate writes no file
+    code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?",
+                              "--max-capacity-prompt", "96", "--window-size", "16", "--max-new-tokens", "4",
+                              "--policy", "adakv"], capsys)
+    assert code == 0, err
+    assert "[adakv-96]" in out
 
 
 def test_generate_layer_major(tmp_path, capsys):
@@ -100,41 +105,46 @@ def test_bench(tmp_path, capsys, monkeypatch):
     loads = [0.3, 9.5]  # the 1-minute load average before and after: other work took the cores
     monkeypatch.setattr(os, "getloadavg", lambda: (loads.pop(0) if len(loads) > 1 else loads[0], 0.0, 0.0))
     code, out, err = run_cli(["bench", "--lengths", "128", "256", "--max-capacity-prompts", "64", "--window-size", "16",
-                              "--steps", "4", "--reps", "1", "--out", str(tmp_path)], capsys)
+                              "--steps", "4", "--reps", "1", "--policies", "snapkv", "adakv", "--out", str(tmp_path)],
+                             capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "bench.json").read_text())
-    assert res["methods"] == ["full", "snapkv-64"]
+    assert res["methods"] == ["full", "snapkv-64", "adakv-64"]
     assert res["load"]["load_before"] == 0.3 and res["load"]["load_after"] == 9.5 and res["load"]["busy"] is True
     assert "note: the machine was busy (1-minute load average 0.3 before, 9.5 after" in out
     assert f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}" in out
     rows = {(r["method"], r["prompt_tokens"]): r for r in res["rows"]}
-    assert set(rows) == {("full", 128), ("full", 256), ("snapkv-64", 128), ("snapkv-64", 256)}
+    assert set(rows) == {(m, n) for m in res["methods"] for n in (128, 256)}
     assert all(r["ms_per_token"] > 0 for r in rows.values())
     # The full cache grows with the prompt; SnapKV holds the budget.
     assert rows[("full", 256)]["kv_mb"] == pytest.approx(2 * rows[("full", 128)]["kv_mb"])
     assert rows[("snapkv-64", 256)]["kv_mb"] == rows[("snapkv-64", 128)]["kv_mb"] < rows[("full", 128)]["kv_mb"]
+    # AdaKV's heads keep different counts, the same total: the ragged cache holds the same bytes
+    assert rows[("adakv-64", 256)]["kv_mb"] == pytest.approx(rows[("snapkv-64", 256)]["kv_mb"])
     from PIL import Image
 
     with Image.open(tmp_path / "bench.png") as im:
         assert im.size == (1000, 400)
         # The plot says what ran where (its title and legend, also the PNG's text fields).
         assert im.info["Title"].startswith("SmolLM2-135M-Instruct (embedded GGUF), cpu, float32: 4 decoded tokens")
-        assert im.info["Description"] == "full (the whole prompt); snapkv-64 (SnapKV, 64-token budget)"
+        assert im.info["Description"] == ("full (the whole prompt); snapkv-64 (SnapKV, 64-token budget); "
+                                          "adakv-64 (AdaKV, 64-token budget)")
 
 
 def test_eval_needle(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))  # a quiet machine
     code, out, err = run_cli(["eval", "needle", "--lengths", "300", "600", "--depths", "0.2", "0.8",
-                              "--compression-ratios", "0.5", "--out", str(tmp_path)], capsys)
+                              "--compression-ratios", "0.5", "--policies", "snapkv", "ada-pyramidkv",
+                              "--out", str(tmp_path)], capsys)
     assert code == 0, err
     res = json.loads((tmp_path / "needle.json").read_text())
     assert res["load"]["busy"] is False and "busy" not in out and res["notes"] == []
-    assert res["cases"] == 4 and set(res["retrieved"]) == {"full", "snapkv-50%"}
+    assert res["cases"] == 4 and set(res["retrieved"]) == {"full", "snapkv-50%", "ada-pyramidkv-50%"}
     assert all(isinstance(x, bool) for grid in res["retrieved"].values() for row in grid for x in row)
     assert res["summary"]["full"] >= 3, "the real model finds the pass key in short prompts"
     from PIL import Image
 
-    for name in ("full", "snapkv-50pct"):
+    for name in ("full", "snapkv-50pct", "ada-pyramidkv-50pct"):
         with Image.open(tmp_path / f"needle_{name}.png") as im:
             assert im.size == (300, 220)
 
@@ -163,6 +173,17 @@ def test_user_errors(tmp_path, capsys, argv, message):
     code, out, err = run_cli(argv + ["--out", str(tmp_path)], capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--policy", "h2o"], "argument --policy: invalid choice: 'h2o'"),
+    (["eval", "needle", "--policies", "adakv", "snap"], "argument --policies: invalid choice: 'snap'"),
+])
+def test_unknown_policy(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "pyramidkv" in err, "the choices are listed"
 
 
 def test_model_folder_without_a_model(tmp_path, capsys):

@@ -142,3 +142,25 @@ def test_five_questions_on_smollm2():
         ours += answer in a
         ref += answer in b
     assert ours >= ref and ours >= 3, f"{ours}/5 right (from scratch {ref}/5)"
+
+
+def test_one_reading_for_many_settings():
+    """cache_for(config=...): one document read, each setting (budget, policy, pooling) equal to its
+    own SnapKVCache from scratch; the evaluation's read-once path gives the same tokens."""
+    from snapkv_ext import SnapKVConfig
+    from snapkv_ext.tools.evaluate import Method, _read_once, generate
+
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2)
+    ids_all = ids(300, 0)
+    methods = [Method("a", compression_ratio=0.2, window_size=8, kernel_size=5),
+               Method("b", max_capacity_prompt=48, window_size=4, kernel_size=3, policy="adakv"),
+               Method("c", compression_ratio=0.1, window_size=8, pooling="avg", policy="ada-pyramidkv")]
+    doc = _read_once(model, ids_all, methods)
+    assert doc.length == 300 - 16
+    for m in methods:
+        want = generate(model, None, ids_all, m, max_new_tokens=6).tokens
+        assert generate(model, None, ids_all, m, max_new_tokens=6, document=doc).tokens == want, m.name
+    with pytest.raises(ValueError, match="window_size 16 is larger than the document's"):
+        doc.cache_for(config=SnapKVConfig(max_capacity_prompt=64, window_size=16))
+    with pytest.raises(ValueError, match="config must be a SnapKVConfig"):
+        doc.cache_for(config={"window_size": 8})

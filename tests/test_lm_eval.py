@@ -236,6 +236,7 @@ def test_cli_eval_ruler_tiny_run(tiny_dir, tmp_path, monkeypatch, capsys):
     res = json.loads((out / "ruler.json").read_text())
     assert list(res["settings"]) == ["full", "snapkv-50%"]
     assert res["settings"]["snapkv-50%"]["window_size"] == 8 and res["settings"]["snapkv-50%"]["kernel_size"] == 5
+    assert res["settings"]["snapkv-50%"]["policy"] == {"name": "snapkv"}
     assert res["samples"] == {"niah_single_1": {"1024": 1}}
     for s in ("full", "snapkv-50%"):
         assert 0 <= res["scores"][s]["niah_single_1"]["1024"] <= 1

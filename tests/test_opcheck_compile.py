@@ -40,6 +40,12 @@ def test_opcheck(device, gen):
                                              5, "avg", "max", None, None)),
         (snap.snapkv_compress_into.default, (q, k, v, 16, ko[:, :, :16], vo[:, :, 2:], 7, "max", "mean", pad, None,
                                              30.0)),
+        (snap.ragged_attention.default, (q[:, :, :3], k.reshape(-1, 64), v.reshape(-1, 64),
+                                         torch.tensor([[0, 45], [90, 120]], device=device),
+                                         torch.tensor([[40, 5], [3, 39]], device=device), 0.125, None)),
+        (snap.ragged_attention.default, (q[:, :, :1], k.reshape(-1, 64), v.reshape(-1, 64),
+                                         torch.tensor([[0, 40], [80, 120]], device=device),
+                                         torch.tensor([[40, 1], [30, 40]], device=device), 0.125, 20.0)),
     ]:
         torch.library.opcheck(op, args)
 

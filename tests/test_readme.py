@@ -69,3 +69,34 @@ def test_readme_example_your_model(example, tmp_path, monkeypatch):
     assert ns["inputs"]["input_ids"].shape[1] > 1024
     held = set(ns["cache"].stats()["physical_length"])  # per layer: the budget, then the decoded tokens
     assert len(held) == 1 and 1024 < held.pop() <= 1024 + 7
+
+
+
+def test_readme_policies_section(capsys):
+    """The budget-policies section as written, on a small random Llama: a per-head policy by name,
+    then the custom policy, each decoding with heads that keep different numbers of entries."""
+    import torch
+
+    from snapkv_ext.cache import cache_kwargs
+    from snapkv_ext.tools.models import tiny_model
+
+    blocks = python_blocks("Per-head and per-layer budgets (AdaKV, PyramidKV)")
+    assert len(blocks) == 2 and 'policy="adakv"' in blocks[0] and "class VoteShare(SelectionPolicy)" in blocks[1]
+    ids = torch.randint(3, 128, (2, 400), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama", layers=2)
+    ns = {"model": model, "inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+    exec(compile(blocks[0].replace("max_new_tokens=64", "max_new_tokens=4"), "README.md", "exec"), ns)
+    assert ns["out"].shape == (2, 404)
+    budget = 2 * 2 * 40  # 10% of 400 per KV head (2 heads, 2 rows)
+    assert capsys.readouterr().out.strip() == str([budget + 2 * 2 * 3] * 2), "kept entries per layer: 3 decoded"
+    lengths = ns["cache"].layers[0].kept_lengths()
+    assert len(set(lengths.flatten().tolist())) > 1, "the heads keep different counts"
+    exec(compile(blocks[1], "README.md", "exec"), ns)
+    vote = ns["cache"]
+    assert type(vote.config.policy).__name__ == "VoteShare"
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       **cache_kwargs(model, vote))
+    lengths = vote.layers[0].kept_lengths()
+    assert len(set(lengths.flatten().tolist())) > 1, "the heads keep different counts"
+    assert int(lengths.sum()) <= budget + 2 * 2 * 1, "within the layer's budget, plus the decoded token"

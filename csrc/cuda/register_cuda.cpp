@@ -6,7 +6,7 @@
 namespace snapkv {
 
 const Backend kCudaBackend{&window_scores_cuda, &pool_scores_cuda, &select_topk_cuda,
-                           &compact_into_cuda_unchecked};
+                           &compact_into_cuda_unchecked, &ragged_attention_cuda};
 
 TORCH_LIBRARY_IMPL(snapkv, CUDA, m) { register_device_ops<kCudaBackend>(m); }
 

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from ..policies import POLICIES
+
 EXIT_USAGE = 2
 
 # Optional packages the commands need (import name -> (name shown, what installs it)), checked
@@ -57,6 +59,13 @@ def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional
                    help="the prompt's last tokens, whose attention picks what is kept")
     p.add_argument("--kernel-size", type=int, default=7, help="pooling kernel over the attention scores (odd)")
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
+    p.add_argument("--policy", default="snapkv", choices=list(POLICIES),
+                   help="how the budget is spread over layers and KV heads (default %(default)s)")
+
+
+def _policies_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", nargs="+", default=["snapkv"], choices=list(POLICIES), metavar="POLICY",
+                   help=f"one run per selection policy and budget: {', '.join(POLICIES)} (default snapkv)")
 
 
 def _setup(args):
@@ -217,11 +226,11 @@ def _prepare(args, *packages: str):
 def _method(args):
     from .evaluate import Method
 
-    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling)
+    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling, policy=args.policy)
     if args.compression_ratio is not None:
-        return Method(f"snapkv-{int(round(args.compression_ratio * 100))}%", compression_ratio=args.compression_ratio,
-                      **kw)
-    return Method(f"snapkv-{args.max_capacity_prompt}", max_capacity_prompt=args.max_capacity_prompt, **kw)
+        return Method(f"{args.policy}-{int(round(args.compression_ratio * 100))}%",
+                      compression_ratio=args.compression_ratio, **kw)
+    return Method(f"{args.policy}-{args.max_capacity_prompt}", max_capacity_prompt=args.max_capacity_prompt, **kw)
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -442,7 +451,8 @@ def cmd_bench(args) -> int:
 
     load = _MachineLoad()
     model, tok = _prepare(args, "matplotlib")
-    methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling)
+    methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling,
+                            args.policies)
     notes = _nothing_to_compress(methods, args.lengths, sweep=True)
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -468,7 +478,7 @@ def cmd_eval_needle(args) -> int:
     load = _MachineLoad()
     model, tok = _prepare(args, "matplotlib")
     methods = parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
-                            args.pooling)
+                            args.pooling, args.policies)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
     res.update(model=_model_name(args), notes=_nothing_to_compress(methods, res["prompt_tokens"], sweep=True),
                load=load.finish())
@@ -506,7 +516,7 @@ def cmd_eval_ruler(args) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"  # the offline tasks need nothing from the Hub; never download
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     settings = settings_from(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
-                             args.pooling)
+                             args.pooling, args.policies)
     import datetime
     import platform
 
@@ -527,7 +537,7 @@ def cmd_eval_ruler(args) -> int:
         raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
     _check_context(lm.model, args)
     notes = _nothing_to_compress(parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size,
-                                               args.kernel_size, args.pooling), args.lengths, sweep=True)
+                                               args.kernel_size, args.pooling, args.policies), args.lengths, sweep=True)
     for note in notes:
         print(f"note: {note}", flush=True)
     res = ruler_eval(lm, args.tasks, args.lengths, settings, args.limit, seed=args.seed,
@@ -587,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--window-size", type=int, default=32)
     b.add_argument("--kernel-size", type=int, default=7)
     b.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _policies_arg(b)
     b.add_argument("--steps", type=int, default=16, help="decoded tokens per run")
     b.add_argument("--reps", type=int, default=3)
     b.set_defaults(func=cmd_bench)
@@ -605,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--window-size", type=int, default=16)
     n.add_argument("--kernel-size", type=int, default=5)
     n.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _policies_arg(n)
     n.set_defaults(func=cmd_eval_needle)
 
     from .ruler import DOWNLOAD_TASKS, OFFLINE_TASKS
@@ -628,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--window-size", type=int, default=32)
     r.add_argument("--kernel-size", type=int, default=7)
     r.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _policies_arg(r)
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--apply-chat-template", action="store_true",
                    help="wrap each prompt in the model's chat template (lm-eval's --apply_chat_template)")

@@ -23,7 +23,8 @@ def _sync(device) -> None:
 @dataclass
 class Method:
     """A cache to compare: the full DynamicCache, or SnapKV with the settings of
-    :class:`snapkv_ext.SnapKVConfig` (a ``max_capacity_prompt`` or a ``compression_ratio``)."""
+    :class:`snapkv_ext.SnapKVConfig` (a ``max_capacity_prompt`` or a ``compression_ratio``, a
+    selection ``policy``: a name or a policy object)."""
 
     name: str
     max_capacity_prompt: Optional[int] = None
@@ -31,6 +32,8 @@ class Method:
     window_size: int = 32
     kernel_size: int = 7
     pooling: str = "max"
+    policy: object = "snapkv"
+    group_reduce: str = "mean"
 
     @staticmethod
     def full() -> "Method":
@@ -44,7 +47,8 @@ class Method:
         """The SnapKV settings for a prompt of ``prompt_len`` tokens (the window shrunk below a small budget)."""
         window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
         return SnapKVConfig(max_capacity_prompt=self.max_capacity_prompt, compression_ratio=self.compression_ratio,
-                            window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling)
+                            window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling,
+                            policy=self.policy, group_reduce=self.group_reduce)
 
     def compresses(self, prompt_len: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens is compressed (the full cache never is; SnapKV
@@ -60,11 +64,16 @@ class Method:
 
 
 def parse_methods(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
-                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max") -> List[Method]:
+                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max",
+                  policies: Sequence[str] = ("snapkv",)) -> List[Method]:
+    """The full cache, then per policy (named ``<policy>-<budget>``: ``snapkv-256``, ``adakv-10%``)
+    each budget."""
     kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling)
     methods = [Method.full()]
-    methods += [Method(f"snapkv-{c}", max_capacity_prompt=c, **kw) for c in max_capacity_prompts]
-    methods += [Method(f"snapkv-{int(round(r * 100))}%", compression_ratio=r, **kw) for r in compression_ratios]
+    for p in policies:
+        methods += [Method(f"{p}-{c}", max_capacity_prompt=c, policy=p, **kw) for c in max_capacity_prompts]
+        methods += [Method(f"{p}-{int(round(r * 100))}%", compression_ratio=r, policy=p, **kw)
+                    for r in compression_ratios]
     return methods
 
 
@@ -137,14 +146,22 @@ def _prefill_layer_major(model, ids, cache, chunk_size: int, progress: bool, lab
 
 def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_tokens: int = 32,
              progress: bool = False, label: str = "", chunk_size: Optional[int] = None,
-             allow_longer: bool = False) -> GenerationResult:
+             allow_longer: bool = False, document=None) -> GenerationResult:
     """Greedy generation of one prompt with timing: prefill (the whole prompt in one forward,
     each layer compressed right after its attention; or with ``chunk_size``, SnapKV layer by layer
-    in chunks: :func:`snapkv_ext.prefill`) and a decoding loop."""
+    in chunks: :func:`snapkv_ext.prefill`) and a decoding loop. ``document``: a
+    :class:`~snapkv_ext.SnapKVDocument` of the prompt's first tokens; only the rest is run, SnapKV
+    selecting over the document's stored KV plus the rest (the same selection as from scratch)."""
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     L = ids.shape[1]
-    cache = method.make_cache(model, L)
+    run_ids, run_kw = ids, {}
+    if document is not None and not method.is_full:
+        cache = document.cache_for(config=method.config(L))
+        run_ids = ids[:, document.length:]
+        run_kw = dict(position_ids=torch.arange(document.length, L, device=device)[None])
+    else:
+        cache = method.make_cache(model, L)
     layer_major = chunk_size is not None and isinstance(cache, SnapKVCache)
     extra = {}
     bar = None
@@ -164,7 +181,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
             logits, extra = _prefill_layer_major(model, ids, cache, chunk_size, progress, label, allow_longer)
         else:
             with _layer_progress(model, bar.update if bar else None):
-                logits = model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
+                logits = model(run_ids, **run_kw, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         _sync(device)
         prefill_s = time.perf_counter() - t0
         if bar:
@@ -203,8 +220,11 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
 
 
 def needle_eval(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], methods: Sequence[Method],
-                max_new_tokens: int = 14, seed: int = 0, progress: bool = False) -> Dict:
-    """Pass-key retrieval for every (length, depth) and method. Returns a JSON-able dict."""
+                max_new_tokens: int = 14, seed: int = 0, progress: bool = False, read_once: bool = False) -> Dict:
+    """Pass-key retrieval for every (length, depth) and method. Returns a JSON-able dict.
+    ``read_once``: each prompt's document part is read once (a :class:`~snapkv_ext.SnapKVDocument`)
+    and every SnapKV method runs only the prompt's last tokens against it (the same selection as
+    from scratch, many methods for little more than one)."""
     results = {m.name: [[None] * len(depths) for _ in lengths] for m in methods}
     settings = {m.name: dict(max_capacity_prompt=m.max_capacity_prompt, compression_ratio=m.compression_ratio)
                 for m in methods}
@@ -219,12 +239,27 @@ def needle_eval(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
         case = needle_case(tokenizer, n, d, seed=seed)
         ids = chat_ids(tokenizer, case.prompt)
         prompt_tokens[n] = ids.shape[1]
+        doc = _read_once(model, ids, methods) if read_once else None
         for m in methods:
-            r = generate(model, tokenizer, ids, m, max_new_tokens=max_new_tokens)
+            r = generate(model, tokenizer, ids, m, max_new_tokens=max_new_tokens, document=doc)
             results[m.name][i][j] = bool(retrieved(r.text, case.answer))
+        del doc
     summary = {name: sum(sum(bool(x) for x in row) for row in grid) for name, grid in results.items()}
     return dict(lengths=list(lengths), prompt_tokens=[prompt_tokens[n] for n in lengths], depths=list(depths),
                 methods=settings, retrieved=results, summary=summary, cases=len(cells))
+
+
+def _read_once(model, ids: torch.Tensor, methods: Sequence[Method]):
+    """A SnapKVDocument of ``ids`` but its last ``2 x`` the widest window (None: nothing compresses)."""
+    from ..document import SnapKVDocument
+
+    L = ids.shape[1]
+    windows = [m.config(L).window_size for m in methods if m.compresses(L)]
+    if not windows:
+        return None
+    w = max(windows)
+    return SnapKVDocument(model, ids[:, :L - 2 * w], max_capacity_prompt=w + 1, window_size=w,
+                          max_question_tokens=2 * w)
 
 
 def plot_needle(res: Dict, path_prefix: str) -> List[str]:
@@ -285,9 +320,13 @@ def decode_bench(model, tokenizer, lengths: Sequence[int], methods: Sequence[Met
         rows.append(dict(method=m.name, prompt_tokens=int(ids.shape[1]), ms_per_token=statistics.median(ms),
                          prefill_s=statistics.median(pre), kv_mb=mb))
     settings = {m.name: dict(max_capacity_prompt=m.max_capacity_prompt, compression_ratio=m.compression_ratio,
-                             window_size=m.window_size, kernel_size=m.kernel_size, pooling=m.pooling)
+                             window_size=m.window_size, kernel_size=m.kernel_size, pooling=m.pooling,
+                             policy=m.policy if isinstance(m.policy, str) else repr(m.policy))
                 for m in methods if not m.is_full}
     return dict(rows=rows, methods=[m.name for m in methods], settings=settings, steps=steps, reps=reps)
+
+
+_POLICY_LABELS = {"snapkv": "SnapKV", "pyramidkv": "PyramidKV", "adakv": "AdaKV", "ada-pyramidkv": "AdaKV + PyramidKV"}
 
 
 def bench_labels(res: Dict):
@@ -299,10 +338,11 @@ def bench_labels(res: Dict):
         s = res.get("settings", {}).get(name)
         if s is None:
             labels[name] = f"{name} (the whole prompt)"
-        elif s.get("max_capacity_prompt") is not None:
-            labels[name] = f"{name} (SnapKV, {s['max_capacity_prompt']}-token budget)"
         else:
-            labels[name] = f"{name} (SnapKV, {100 * s['compression_ratio']:g}% of the prompt)"
+            what = _POLICY_LABELS.get(s.get("policy", "snapkv"), s.get("policy"))
+            budget = (f"{s['max_capacity_prompt']}-token budget" if s.get("max_capacity_prompt") is not None
+                      else f"{100 * s['compression_ratio']:g}% of the prompt")
+            labels[name] = f"{name} ({what}, {budget})"
     return title, labels
 
 

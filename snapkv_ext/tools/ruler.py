@@ -13,7 +13,6 @@ import io
 import os
 import random
 import time
-from dataclasses import asdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,12 +30,15 @@ Setting = Tuple[str, Optional[SnapKVConfig]]
 
 
 def settings_from(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
-                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max") -> List[Setting]:
-    """``[("full", None), ("snapkv-50%", SnapKVConfig(...)), ...]``: the full cache first."""
-    kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling)
+                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max",
+                  policies: Sequence[str] = ("snapkv",)) -> List[Setting]:
+    """``[("full", None), ("snapkv-50%", SnapKVConfig(...)), ("adakv-50%", ...), ...]``: the full
+    cache first, then per policy each budget."""
     out: List[Setting] = [("full", None)]
-    out += [(f"snapkv-{c}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
-    out += [(f"snapkv-{r * 100:g}%", SnapKVConfig(compression_ratio=r, **kw)) for r in compression_ratios]
+    for p in policies:
+        kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling, policy=p)
+        out += [(f"{p}-{c}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
+        out += [(f"{p}-{r * 100:g}%", SnapKVConfig(compression_ratio=r, **kw)) for r in compression_ratios]
     return out
 
 
@@ -158,7 +160,7 @@ def ruler_eval(lm, tasks: Sequence[str], lengths: Sequence[int], settings: Seque
         lm.show_progress = True
     return dict(
         tasks=list(tasks), lengths=[int(n) for n in lengths], limit=limit,
-        settings={name: (asdict(c) if c is not None else None) for name, c in settings},
+        settings={name: (c.to_dict() if c is not None else None) for name, c in settings},
         scores=scores, mean={name: {n: sum(scores[name][t][n] for t in tasks) / len(tasks) for n in lengths}
                              for name, _ in settings},
         kv_kept=kv_kept, samples=samples_per_task, prompt_tokens=prompt_tokens, wall_s=wall, data_s=data_s,

@@ -9,6 +9,7 @@
 
 #include "cuda/compact_kernels.cuh"
 #include "cuda/pool_scores_kernels.cuh"
+#include "cuda/ragged_attention_kernels.cuh"
 #include "cuda/select_topk_kernels.cuh"
 #include "cuda/window_scores_kernels.cuh"
 #include "snapkv.h"
@@ -78,6 +79,26 @@ void compact_into(const at::Tensor& keys, const at::Tensor& values, const at::Te
   snapkv::check_kv_out(keys, values, indices.size(2) + w, "k + w", keys_out, values_out);
   SimExec ex;
   snapkv::sel::compact_into_run(ex, keys, values, indices, w, keys_out, values_out);
+}
+
+at::Tensor ragged_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& starts, const at::Tensor& lengths, double scale,
+                            c10::optional<double> softcap) {
+  const snapkv::RaggedShape s =
+      snapkv::check_ragged_attention_args(q, keys, values, starts, lengths, scale, softcap, true);
+  SimExec ex;
+  return snapkv::ra::ragged_attention_run(ex, s, q, keys, values, starts, lengths, static_cast<float>(scale),
+                                          snapkv::resolve_softcap(softcap));
+}
+
+// The launch plan of ragged_attention, for tests of the host logic.
+std::map<std::string, int64_t> ragged_attention_plan(int64_t B, int64_t Hkv, int64_t G, int64_t n, int64_t D,
+                                                     int64_t max_len, int sm_count, int64_t max_smem) {
+  snapkv::ra::Plan p;
+  if (!snapkv::ra::plan_ragged_attention(B, Hkv, G, n, D, max_len, sm_count, static_cast<size_t>(max_smem), &p))
+    return {{"ok", 0}};
+  return {{"ok", 1}, {"rows", p.dm.rows}, {"splits", p.dm.splits}, {"tiles_per_split", p.dm.tiles_per_split},
+          {"row_blocks", static_cast<int64_t>(p.attend.grid.z)}, {"smem", static_cast<int64_t>(p.attend.smem)}};
 }
 
 // The launch plan of window_scores, for tests of the host logic.
@@ -165,6 +186,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_topk", &select_topk);
   m.def("compact_into", &compact_into);
   m.def("window_scores_plan", &window_scores_plan);
+  m.def("ragged_attention", &ragged_attention, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("starts"),
+        py::arg("lengths"), py::arg("scale"), py::arg("softcap") = py::none());
+  m.def("ragged_attention_plan", &ragged_attention_plan);
   m.def("misbehave", &misbehave);
   m.def("warp_ops", &warp_ops);
   m.def("sanitized", [] {

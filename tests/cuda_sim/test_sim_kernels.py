@@ -309,3 +309,50 @@ def test_simulator_smem_bounds_under_asan():
 
 def test_simulator_is_sanitized():
     assert sim.sanitized()
+
+
+# ---------------------------------------------------------------- ragged_attention
+# (B, H_q, H_kv, n, D, lengths, dtype, softcap, row_stride, offset, sm_count): head dims
+# 64/65/80/128/256, groups 1/3/4/8, 1/3/17 new tokens, lengths from n to 5000 differing per head,
+# unused rows between segments, 16-byte (vector) and unaligned (scalar) rows, one CTA per segment
+# (sm_count 1) and several (132 SMs), several row blocks (G * n = 68 > 32), soft-cap on and off.
+RA_CASES = [
+    (1, 3, 3, 1, 64, [[1, 700, 33]], torch.float32, None, None, 0, 132),
+    (2, 8, 2, 3, 80, [[3, 300], [129, 50]], torch.bfloat16, 30.0, None, 0, 1),
+    (1, 4, 1, 17, 128, [[5000]], torch.float16, None, None, 0, 132),
+    (1, 8, 1, 1, 256, [[1000]], torch.bfloat16, 50.0, None, 0, 8),
+    (1, 3, 1, 1, 65, [[77]], torch.float32, None, None, 0, 132),
+    (2, 6, 2, 1, 64, [[40, 2000], [1, 9]], torch.bfloat16, None, 72, 1, 132),
+    (1, 4, 4, 3, 64, [[3, 64, 65, 200]], torch.float16, 5.0, 72, 0, 1),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,n,D,lengths,dtype,softcap,row_stride,offset,sm_count", RA_CASES)
+def test_ragged_attention(B, Hq, Hkv, n, D, lengths, dtype, softcap, row_stride, offset, sm_count):
+    from conftest import assert_attention_close, ragged_store
+
+    g = torch.Generator().manual_seed(B * 1000 + D + n)
+    k, v, starts, lens = ragged_store(lengths, D, dtype, "cpu", g, row_stride=row_stride, offset=offset)
+    q = (torch.randn((B, Hq, n, D), generator=g) * 2).to(dtype)
+    scale = D ** -0.5
+
+    sim_order = lambda order: (sim.configure(order, 2, sm_count, H100_SMEM),
+                               sim.ragged_attention(q, k, v, starts, lens, scale, softcap))[1]
+    a, b = sim_order("forward"), sim_order("reverse")
+    assert torch.equal(a, b), "forward and reverse thread orders disagree"
+    assert_attention_close(a, q, k, v, starts, lens, scale, softcap)
+
+
+def test_ragged_attention_plans():
+    """One CTA per segment with few segments on one SM; splits on a big GPU; row blocks when
+    G * n exceeds the CTA's rows; a smaller row block when shared memory is short."""
+    one = sim.ragged_attention_plan(1, 8, 4, 1, 128, 4096, 1, H100_SMEM)
+    assert one["ok"] and one["splits"] == 1 and one["rows"] == 4 and one["row_blocks"] == 1
+    many = sim.ragged_attention_plan(1, 8, 4, 1, 128, 4096, 132, H100_SMEM)
+    assert many["splits"] > 8 and many["tiles_per_split"] >= 4
+    blocks = sim.ragged_attention_plan(1, 1, 8, 17, 64, 100, 132, H100_SMEM)
+    assert blocks["rows"] == 32 and blocks["row_blocks"] == 5
+    small = sim.ragged_attention_plan(1, 1, 8, 17, 128, 100, 132, 48 * 1024)
+    assert small["ok"] and small["rows"] < 32 and small["smem"] <= 48 * 1024
+    # D = 256 needs 65 KB for its fp32 key and value tiles alone: refused (the op says so).
+    assert sim.ragged_attention_plan(1, 1, 8, 1, 256, 100, 132, 48 * 1024)["ok"] == 0
