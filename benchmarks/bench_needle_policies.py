@@ -54,10 +54,31 @@ def main():
     p.add_argument("--window-size", type=int, default=16)
     p.add_argument("--kernel-size", type=int, default=7)
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--kernels", type=int, nargs="*", default=None,
+                   help="only these pooling kernels (snapkv and adakv): the sweep's extension")
     p.add_argument("--out", default="needle-policies")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model, tok = load_model()
+    if args.kernels:
+        ms = [Method.full()] + [
+            Method(f"{p}-{r * 100:g}%-k{k}", compression_ratio=r, policy=p, window_size=args.window_size, kernel_size=k)
+            for r in args.sweep_ratios for p in ("snapkv", "adakv") for k in args.kernels]
+        res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)
+        res.update(date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv)
+        with open(os.path.join(args.out, "needle.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        n = res["cases"]
+        first = f"{args.sweep_ratios[0] * 100:g}%"
+        lines = ["| sweep | " + " | ".join(f"{r * 100:g}%" for r in args.sweep_ratios) + " |",
+                 "|---|" + "---|" * len(args.sweep_ratios)]
+        lines += ["| " + m.name.replace(f"-{first}", "") + " | " + " | ".join(
+            f"{res['summary'][m.name.replace(first, f'{r * 100:g}%')]}/{n}" for r in args.sweep_ratios) + " |"
+            for m in ms if first in m.name]
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     ms = methods(args.window_size, args.kernel_size, args.ratios, args.sweep_ratios, not args.no_sweep)
     t0, load0 = time.time(), os.getloadavg()[0]
     res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)

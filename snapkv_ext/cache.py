@@ -1,6 +1,6 @@
 """SnapKVCache: a drop-in Transformers cache that compresses the prompt's KV with SnapKV.
 
-    cache = SnapKVCache(model, max_capacity_prompt=1024, window_size=32, kernel_size=7, pooling="max")
+    cache = SnapKVCache(model, max_capacity_prompt=1024, window_size=32)
     out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=256)
     print(cache.stats())
 
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import routing
 from .adapters import AttentionLayer, attention_layers, describe_sharding, tensor_parallel_size
-from .config import SnapKVConfig
+from .config import DEFAULT_KERNEL_SIZE, SnapKVConfig
 from .layers import PendingSelection, PrefillMemory, RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
 from .policies import SelectionPolicy
 
@@ -134,7 +134,7 @@ class SnapKVCache(LayerMajorCache):
     """
 
     def __init__(self, model, max_capacity_prompt: Optional[int] = None, window_size: int = 32,
-                 kernel_size: int = 7, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
+                 kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
                  compression_ratio: Optional[float] = None, group_reduce: str = "mean", recompress: bool = True,
                  use_reference: bool = False, decode_reserve: int = 128, policy="snapkv"):
         if config is None:

@@ -7,6 +7,9 @@ from typing import Any, Optional
 
 # The budget when neither max_capacity_prompt nor compression_ratio is given (the paper's 1024).
 DEFAULT_MAX_CAPACITY_PROMPT = 1024
+# The pooling kernel: 13, what retrieved best at 10% and 5% budgets in the needle sweep
+# (benchmarks/RESULTS.md section 14: 20/20 and 15/20 against 17/20 and 10/20 for the published 7).
+DEFAULT_KERNEL_SIZE = 13
 POOLINGS = ("max", "avg")
 GROUP_REDUCES = ("mean", "max", "sum")
 
@@ -26,6 +29,9 @@ class SnapKVConfig:
     reference (float64) instead of the native op, for debugging. ``decode_reserve``: free entries
     allocated after a compression, for the tokens decoded next.
 
+    ``kernel_size``: the pooling kernel over the votes, 13 by default (chosen by measurement,
+    benchmarks/RESULTS.md section 14); the published SnapKV setting is ``kernel_size=7``.
+
     ``policy``: how the budget is spread over layers and KV heads, a name in
     :data:`snapkv_ext.policies.POLICIES` (``snapkv``, the default: uniform; ``pyramidkv``;
     ``adakv``; ``ada-pyramidkv``) or a policy object (:mod:`snapkv_ext.policies`); stored resolved.
@@ -33,7 +39,7 @@ class SnapKVConfig:
 
     max_capacity_prompt: Optional[int] = None
     window_size: int = 32
-    kernel_size: int = 7
+    kernel_size: int = DEFAULT_KERNEL_SIZE
     pooling: str = "max"
     group_reduce: str = "mean"
     compression_ratio: Optional[float] = None

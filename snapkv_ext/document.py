@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .adapters import AttentionLayer, attention_layers
 from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
-from .config import SnapKVConfig
+from .config import DEFAULT_KERNEL_SIZE, SnapKVConfig
 from .layers import RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
 from .policies import SelectionPolicy
 
@@ -177,7 +177,7 @@ class SnapKVDocument:
     FORMAT = "snapkv-document/1"
 
     def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
-                 compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = 7,
+                 compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
                  decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv"):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,

@@ -114,6 +114,28 @@ def _best_first(scores: Tensor, excluded: Tensor) -> Tensor:
     return order.gather(-1, torch.sort(cls.gather(-1, order), dim=-1, stable=True).indices)
 
 
+def _masked_scores(scores: Tensor, pad: Tensor) -> Tensor:
+    """Scores with NaN and each head's first ``pad[b, h]`` positions (left padding) at -inf."""
+    P = scores.shape[-1]
+    j = torch.arange(P, device=scores.device)
+    return scores.nan_to_num(nan=float("-inf")).masked_fill(j[None, None, :] < pad.to(scores.device)[..., None],
+                                                            float("-inf"))
+
+
+def _best_mask(x: Tensor, r: int) -> Optional[Tensor]:
+    """The ``r`` best entries of 1-D ``x`` (ties to the lower index) as a bool mask, from its r-th
+    largest value (no sort); None when that is -inf (NaN or padding would be chosen)."""
+    n = x.shape[0]
+    if r <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
+    t = torch.kthvalue(x, n - r + 1).values
+    if bool(t == float("-inf")):
+        return None
+    above = x > t
+    tied = x == t
+    return above | (tied & (tied.cumsum(0) <= r - int(above.sum())))
+
+
 class AdaKV(SelectionPolicy):
     """AdaKV: per layer and batch row, each KV head first keeps a floor of ``floor * k`` (rounded
     down) of its best prefix positions, ``k`` the uniform prefix budget; the rest of the layer's
@@ -133,17 +155,39 @@ class AdaKV(SelectionPolicy):
         valid = valid.to(device=scores.device, dtype=torch.int64)
         k = valid.clamp(max=budget)  # [B, H]
         floor = torch.floor(self.floor * k.double()).to(torch.int64)
+        rest = (k - floor).sum(1)  # [B]
+        # CPU: k-th values instead of sorts (torch's CPU sort is slow); CUDA: the sorts (fast there,
+        # and no host sync per head)
+        fast = self._counts_by_threshold(scores, valid, floor, rest) if scores.device.type == "cpu" else None
+        if fast is not None:
+            return fast
         order = prefix_ranks(scores, valid)
         ranked = scores.gather(-1, order)
         r = torch.arange(P, device=scores.device)
         # Candidates for the shared part: each head's positions after its floor, padding excluded.
         open_ = (r[None, None, :] >= floor[..., None]) & (r[None, None, :] < valid[..., None])
         flat = _best_first(ranked.reshape(B, H * P), ~open_.reshape(B, H * P))
-        rest = (k - floor).sum(1)  # [B]
         chosen = torch.zeros(B, H * P, dtype=torch.int64, device=scores.device)
         take = (torch.arange(H * P, device=scores.device)[None, :] < rest[:, None]).to(torch.int64)
         chosen.scatter_(1, flat, take)
         return floor + chosen.view(B, H, P).sum(-1)
+
+    @staticmethod
+    def _counts_by_threshold(scores: Tensor, valid: Tensor, floor: Tensor, rest: Tensor) -> Optional[Tensor]:
+        """The same counts without sorting (a k-th value per head and per row, the sorts' rule for
+        ties); None when a choice reaches a NaN or padding (the sorting path decides those)."""
+        B, H, P = scores.shape
+        floors = _keep_by_threshold(scores, floor, P - valid)
+        if floors is None:
+            return None
+        y = _masked_scores(scores, P - valid).masked_fill(floors, float("-inf")).reshape(B, H * P)
+        counts = floor.clone()
+        for b in range(B):
+            m = _best_mask(y[b], int(rest[b]))
+            if m is None:
+                return None
+            counts[b] += m.view(H, P).sum(-1)
+        return counts
 
     def params(self) -> dict:
         return {"floor": self.floor}
@@ -240,16 +284,32 @@ def _head_padding(pad_lengths: Optional[Tensor], B: int, H: int, device) -> Tens
     return pad[:, None].expand(B, H) if pad.dim() == 1 else pad
 
 
+def _keep_by_threshold(scores: Tensor, counts: Tensor, pad: Tensor) -> Optional[Tensor]:
+    """Each head's best ``counts[b, h]`` prefix positions without sorting (None: see _best_mask)."""
+    B, H, P = scores.shape
+    x = _masked_scores(scores, pad)
+    keep = torch.zeros(B, H, P, dtype=torch.bool, device=scores.device)
+    for b in range(B):
+        for h in range(H):
+            m = _best_mask(x[b, h], int(counts[b, h]))
+            if m is None:
+                return None
+            keep[b, h] = m
+    return keep
+
+
 def keep_mask(scores: Tensor, counts: Tensor, pad_lengths: Optional[Tensor], window_size: int) -> Tensor:
     """Which of the ``L = P + window_size`` entries each head keeps: ``[B, H, L]`` bool, its best
     ``counts[b, h]`` prefix positions and every window entry that is not left padding
     (``pad_lengths [B]`` or ``[B, H]``, up to ``L``; None: no padding)."""
     B, H, P = scores.shape
     pad = _head_padding(pad_lengths, B, H, scores.device)
-    order = prefix_ranks(scores, (P - pad).clamp(min=0))
-    r = torch.arange(P, device=scores.device)
-    keep = torch.zeros(B, H, P, dtype=torch.bool, device=scores.device)
-    keep.scatter_(-1, order, r[None, None, :] < counts.to(scores.device)[..., None])
+    keep = _keep_by_threshold(scores, counts, pad.clamp(max=P)) if scores.device.type == "cpu" else None
+    if keep is None:
+        order = prefix_ranks(scores, (P - pad).clamp(min=0))
+        r = torch.arange(P, device=scores.device)
+        keep = torch.zeros(B, H, P, dtype=torch.bool, device=scores.device)
+        keep.scatter_(-1, order, r[None, None, :] < counts.to(scores.device)[..., None])
     j = torch.arange(P, P + window_size, device=scores.device)
     window = j[None, None, :] >= pad[..., None]  # a row shorter than the window: padding in it too
     return torch.cat([keep, window], dim=-1)

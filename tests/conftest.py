@@ -8,6 +8,22 @@ from snapkv_ext import reference as ref
 # tests/cuda_sim runs in its own process, with the ASan runtime preloaded: tests/test_cuda_sim.py.
 collect_ignore = ["cuda_sim"]
 
+
+def pytest_collection_modifyitems(session, config, items):
+    """The CUDA simulator's child process starts now and its test runs last: it runs beside the
+    rest of the suite (it is single-threaded) instead of before it."""
+    sim = [item for item in items if item.path.name == "test_cuda_sim.py"]
+    if sim:
+        items[:] = [item for item in items if item.path.name != "test_cuda_sim.py"] + sim
+        sim[0].module.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for item in getattr(session, "items", []):
+        if item.path.name == "test_cuda_sim.py":
+            item.module.stop()
+            break
+
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),

@@ -109,3 +109,22 @@ def test_bad_policies(make, msg):
         make()
     assert msg in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_path_equals_the_sorting_rule_on_heavy_ties(seed):
+    """The allocation's k-th-value path (no sort) on scores with many ties, left padding per row
+    and head and a few NaN (which send a row to the sorting path): equal to the loop reference."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, P, w = 2, 3, 40, 4
+    scores = torch.randint(0, 4, (B, H, P), generator=g).float()
+    if seed % 3 == 2:
+        scores[0, 1, 5] = float("nan")
+    pad = torch.randint(0, 30, (B,), generator=g)
+    budget = int(torch.randint(1, 20, (1,), generator=g))
+    for name in ("adakv", "snapkv"):
+        policy = policies.resolve(name)
+        valid = policies.valid_prefix(pad, B, H, P, scores.device)
+        got = policies.keep_mask(scores, policy.head_counts(scores, budget, valid), pad, w)
+        want = reference.policy_keep_scored(scores.double(), w, budget + w, name, 0.2, pad)
+        assert torch.equal(got, want), f"{name}, seed {seed}"

@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
+from ..config import DEFAULT_KERNEL_SIZE
 from ..policies import POLICIES
 
 EXIT_USAGE = 2
@@ -57,7 +58,8 @@ def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional
     g.add_argument("--compression-ratio", type=float, default=None, help="fraction of the prompt kept, in (0, 1]")
     p.add_argument("--window-size", type=int, default=32,
                    help="the prompt's last tokens, whose attention picks what is kept")
-    p.add_argument("--kernel-size", type=int, default=7, help="pooling kernel over the attention scores (odd)")
+    p.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE,
+                   help="pooling kernel over the attention scores (odd; default %(default)s, SnapKV's published: 7)")
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
     p.add_argument("--policy", default="snapkv", choices=list(POLICIES),
                    help="how the budget is spread over layers and KV heads (default %(default)s)")
@@ -595,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-capacity-prompts", type=int, nargs="+", default=[256],
                    help="one SnapKV run per --max-capacity-prompt value")
     b.add_argument("--window-size", type=int, default=32)
-    b.add_argument("--kernel-size", type=int, default=7)
+    b.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
     b.add_argument("--pooling", default="max", choices=["max", "avg"])
     _policies_arg(b)
     b.add_argument("--steps", type=int, default=16, help="decoded tokens per run")
@@ -614,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--compression-ratios", type=float, nargs="*", default=[0.25],
                    help="one SnapKV method per --compression-ratio value")
     n.add_argument("--window-size", type=int, default=16)
-    n.add_argument("--kernel-size", type=int, default=5)
+    n.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
     n.add_argument("--pooling", default="max", choices=["max", "avg"])
     _policies_arg(n)
     n.set_defaults(func=cmd_eval_needle)
@@ -638,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compression-ratios", type=float, nargs="*", default=[0.5, 0.25, 0.1],
                    help="one SnapKV setting per --compression-ratio value (default %(default)s)")
     r.add_argument("--window-size", type=int, default=32)
-    r.add_argument("--kernel-size", type=int, default=7)
+    r.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
     r.add_argument("--pooling", default="max", choices=["max", "avg"])
     _policies_arg(r)
     r.add_argument("--batch-size", type=int, default=1)

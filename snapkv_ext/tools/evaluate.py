@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..cache import SnapKVCache, cache_kwargs
-from ..config import SnapKVConfig
+from ..config import DEFAULT_KERNEL_SIZE, SnapKVConfig
 from .haystack import chat_ids, needle_case, retrieved
 
 
@@ -30,7 +30,7 @@ class Method:
     max_capacity_prompt: Optional[int] = None
     compression_ratio: Optional[float] = None
     window_size: int = 32
-    kernel_size: int = 7
+    kernel_size: int = DEFAULT_KERNEL_SIZE
     pooling: str = "max"
     policy: object = "snapkv"
     group_reduce: str = "mean"
@@ -64,7 +64,7 @@ class Method:
 
 
 def parse_methods(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
-                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max",
+                  window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max",
                   policies: Sequence[str] = ("snapkv",)) -> List[Method]:
     """The full cache, then per policy (named ``<policy>-<budget>``: ``snapkv-256``, ``adakv-10%``)
     each budget."""

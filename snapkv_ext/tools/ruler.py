@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..config import SnapKVConfig
+from ..config import DEFAULT_KERNEL_SIZE, SnapKVConfig
 
 # The RULER tasks that build their data with no download (lm-eval 0.4.13).
 OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
@@ -30,7 +30,7 @@ Setting = Tuple[str, Optional[SnapKVConfig]]
 
 
 def settings_from(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
-                  window_size: int = 32, kernel_size: int = 7, pooling: str = "max",
+                  window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max",
                   policies: Sequence[str] = ("snapkv",)) -> List[Setting]:
     """``[("full", None), ("snapkv-50%", SnapKVConfig(...)), ("adakv-50%", ...), ...]``: the full
     cache first, then per policy each budget."""
