@@ -9,6 +9,10 @@ from snapkv_ext import reference as ref
 collect_ignore = ["cuda_sim"]
 
 
+_sim_module = []  # test_cuda_sim, once its child process is started
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a selected test starts the child
 def pytest_collection_modifyitems(session, config, items):
     """The CUDA simulator's child process starts now and its test runs last: it runs beside the
     rest of the suite (it is single-threaded) instead of before it."""
@@ -16,13 +20,12 @@ def pytest_collection_modifyitems(session, config, items):
     if sim:
         items[:] = [item for item in items if item.path.name != "test_cuda_sim.py"] + sim
         sim[0].module.start()
+        _sim_module.append(sim[0].module)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for item in getattr(session, "items", []):
-        if item.path.name == "test_cuda_sim.py":
-            item.module.stop()
-            break
+    for module in _sim_module:
+        module.stop()
 
 DEVICES = [
     "cpu",
