@@ -224,11 +224,9 @@ class SnapKVDocument:
     def save(self, path: str) -> None:
         """Write the document to ``path`` (one ``torch.save`` file: its ids, every layer's stored KV
         and last queries, the settings, the model's fingerprint); :meth:`load` reads it back."""
-        import dataclasses
-
         from .policies import describe
 
-        config = dict(dataclasses.asdict(self.config), policy=describe(self.config.policy))
+        config = dict(self.config.to_dict(), policy=describe(self.config.policy))  # a custom policy: refused
         torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model), config=config, max_question_tokens=self.max_question_tokens,
                         input_ids=self.input_ids.cpu(), keys=[k.cpu() for k in self.keys],
                         values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)
