@@ -1,28 +1,42 @@
 // Vectorisable CPU helpers for the hot loops of the CPU kernels.
 //
-// The hot loops are compiled once per instruction set (AVX-512, AVX2+FMA, baseline) and picked
-// at load time (GCC target_clones), so the same binary runs on any x86-64 and uses the widest
-// vectors the machine has. glibc's expf does not vectorise without -ffast-math, so exp is a
-// Cephes-style polynomial (max relative error ~2 ulp over the range used here).
+// Every helper here is always-inline and templated (or plain scalar code): the kernels
+// instantiate them once per CPU path inside a function compiled for that instruction set
+// (cpu_isa.h's SNAPKV_CPU_VARIANTS), so the same source compiles to AVX-512, AVX2+FMA or the
+// baseline with tiles sized for each. glibc's expf does not vectorise without -ffast-math, so exp
+// is a Cephes-style polynomial (max relative error ~2 ulp over the range used here).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
+#include "cpu_isa.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#ifdef SNAPKV_CPU_X86
 #include <immintrin.h>
-#define SNAPKV_CPU_BF16_DOT 1
-#define SNAPKV_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SNAPKV_CPU_CLONES
 #endif
+
+#if !defined(__FLT16_MAX__)
+#include <c10/util/Half.h>
+#endif
+
+#define SNAPKV_AI __attribute__((always_inline)) inline
 
 namespace snapkv {
 namespace cpu {
+
+// float16 as the loops see it: the compiler's _Float16 where it has one (F16C conversions on the
+// avx2 and avx512 paths), else c10::Half (same bits).
+#if defined(__FLT16_MAX__)
+using Half16 = _Float16;
+#define SNAPKV_HAVE_FLOAT16 1
+#else
+using Half16 = c10::Half;
+#endif
 
 // An environment switch: set and not "0".
 inline bool env_flag(const char* name) {
@@ -31,7 +45,7 @@ inline bool env_flag(const char* name) {
 }
 
 // exp(x) for x <= 88; 0 below -87.3 (the smallest normal float's log), -inf included.
-inline float exp_fast(float x) {
+SNAPKV_AI float exp_fast(float x) {
   const bool underflow = x < -87.3365f;  // also -inf: exp is 0 there, exactly
   x = underflow ? -87.3365f : x;
   x = x > 88.0f ? 88.0f : x;
@@ -51,85 +65,75 @@ inline float exp_fast(float x) {
   return underflow ? 0.f : y * __builtin_bit_cast(float, bits);
 }
 
-// A block of attention logits, transposed: st[j * ldr + r] = sum_d key(j, d) * qt[d * ldr + r]
-// for keys j < nb and rows r < ldr (ldr a multiple of 32). Register tile: 8 keys x 32 rows,
-// 16 vector accumulators; each key element is broadcast, the queries are loaded as vectors,
-// so the keys need no transpose (only the small query matrix is stored transposed). Keys are
-// float32 or bfloat16 (raw bits, widened in the loop: no conversion pass over the keys).
+// Widens a key element to fp32: float, bfloat16 as raw bits, float16.
 template <typename KeyT>
-inline float widen(KeyT x);
-template <>
-inline float widen<float>(float x) { return x; }
-template <>
-inline float widen<uint16_t>(uint16_t x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-
-template <typename KeyT>
-__attribute__((always_inline)) inline void block_logits_t_impl(const KeyT* __restrict__ k, int64_t nb, int64_t D,
-                                                               const float* __restrict__ qt, int64_t ldr,
-                                                               float* __restrict__ st) {
-  typedef float v16 __attribute__((vector_size(64)));
-  auto load = [](const float* p) {
-    v16 v;
-    __builtin_memcpy(&v, p, sizeof(v));
-    return v;
-  };
-  auto store = [](float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); };
-  for (int64_t r0 = 0; r0 < ldr; r0 += 32) {
-    int64_t j0 = 0;
-    for (; j0 + 8 <= nb; j0 += 8) {
-      v16 acc[8][2] = {};
-      const KeyT* kr = k + j0 * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const v16 q0 = load(qt + d * ldr + r0), q1 = load(qt + d * ldr + r0 + 16);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          const float kv = widen<KeyT>(kr[i * D + d]);
-          acc[i][0] += kv * q0;
-          acc[i][1] += kv * q1;
-        }
-      }
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        store(st + (j0 + i) * ldr + r0, acc[i][0]);
-        store(st + (j0 + i) * ldr + r0 + 16, acc[i][1]);
-      }
-    }
-    for (; j0 < nb; ++j0) {  // the last keys of a block, one at a time
-      v16 a0 = {}, a1 = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const float kv = widen<KeyT>(k[j0 * D + d]);
-        a0 += kv * load(qt + d * ldr + r0);
-        a1 += kv * load(qt + d * ldr + r0 + 16);
-      }
-      store(st + j0 * ldr + r0, a0);
-      store(st + j0 * ldr + r0 + 16, a1);
-    }
+SNAPKV_AI float widen(KeyT x) {
+  if constexpr (std::is_same_v<KeyT, uint16_t>) {
+    return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
+  } else {
+    return static_cast<float>(x);
   }
 }
 
-SNAPKV_CPU_CLONES inline void block_logits_t(const float* __restrict__ k, int64_t nb, int64_t D,
-                                             const float* __restrict__ qt, int64_t ldr, float* __restrict__ st) {
-  block_logits_t_impl<float>(k, nb, D, qt, ldr, st);
+// n key elements as fp32 (a block of bf16/f16 keys into a worker's scratch, once per block).
+template <typename KeyT>
+SNAPKV_AI void widen_rows(const KeyT* __restrict__ x, int64_t n, float* __restrict__ y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = widen<KeyT>(x[i]);
 }
 
-// The same with bfloat16 keys given as raw bits.
-SNAPKV_CPU_CLONES inline void block_logits_t_bf16(const uint16_t* __restrict__ k, int64_t nb, int64_t D,
-                                                  const float* __restrict__ qt, int64_t ldr, float* __restrict__ st) {
-  block_logits_t_impl<uint16_t>(k, nb, D, qt, ldr, st);
+// A block of attention logits, transposed: st[j * ldr + r] = sum_d k[j * D + d] * qt[d * ldr + r]
+// for keys j < nb and rows r < ldr (ldr a multiple of 32). Register tile of the path (cpu_isa.h):
+// Isa::kKeys keys x Isa::kRowVecs vectors of rows; each key element is broadcast, the queries
+// are loaded as vectors, so the keys need no transpose (only the small query matrix is stored
+// transposed). Per step of d: kRowVecs loads, kKeys broadcasts, kKeys * kRowVecs FMAs.
+template <class Isa, int NK>
+SNAPKV_AI void logits_tile(const float* __restrict__ k, int64_t D, const float* __restrict__ qt, int64_t ldr,
+                           int64_t r0, float* __restrict__ st) {
+  typedef typename Isa::vec V;
+  constexpr int RV = Isa::kRowVecs, W = Isa::kLanes;
+  V acc[NK][RV];
+#pragma GCC unroll 16
+  for (int i = 0; i < NK; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v) acc[i][v] = V{} ;
+  for (int64_t d = 0; d < D; ++d) {
+    V q[RV];
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v) __builtin_memcpy(&q[v], qt + d * ldr + r0 + v * W, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < NK; ++i) {
+      const float kv = k[i * D + d];
+#pragma GCC unroll 4
+      for (int v = 0; v < RV; ++v) acc[i][v] += kv * q[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NK; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < RV; ++v) __builtin_memcpy(st + i * ldr + r0 + v * W, &acc[i][v], sizeof(V));
 }
 
-// Whether block_logits_bf16_dot can run here: x86-64 with AVX512-BF16 (vdpbf16ps), e.g. Zen 4/5,
-// Sapphire Rapids and later. SNAPKV_CPU_NO_BF16_DOT=1 turns it off (the tests use it to check the
-// widening kernel on machines that have the instruction).
-inline bool has_bf16_dot() {
-#ifdef SNAPKV_CPU_BF16_DOT
-  static const bool ok = __builtin_cpu_supports("avx512bf16") && !env_flag("SNAPKV_CPU_NO_BF16_DOT");
-  return ok;
-#else
-  return false;
-#endif
+// The last nk < Isa::kKeys keys of a block, as one narrower tile.
+template <class Isa, int NK = Isa::kKeys - 1>
+SNAPKV_AI void logits_tail(const float* __restrict__ k, int64_t nk, int64_t D, const float* __restrict__ qt,
+                           int64_t ldr, int64_t r0, float* __restrict__ st) {
+  if constexpr (NK > 0) {
+    if (nk == NK) return logits_tile<Isa, NK>(k, D, qt, ldr, r0, st);
+    logits_tail<Isa, NK - 1>(k, nk, D, qt, ldr, r0, st);
+  }
+}
+
+template <class Isa>
+SNAPKV_AI void block_logits_t(const float* __restrict__ k, int64_t nb, int64_t D, const float* __restrict__ qt,
+                              int64_t ldr, float* __restrict__ st) {
+  constexpr int64_t kRows = Isa::kRowVecs * Isa::kLanes;
+  static_assert(32 % kRows == 0, "a row tile divides 32 (ldr is a multiple of 32)");
+  for (int64_t r0 = 0; r0 < ldr; r0 += kRows) {
+    int64_t j0 = 0;
+    for (; j0 + Isa::kKeys <= nb; j0 += Isa::kKeys) logits_tile<Isa, Isa::kKeys>(k + j0 * D, D, qt, ldr, r0, st + j0 * ldr);
+    if (j0 < nb) logits_tail<Isa>(k + j0 * D, nb - j0, D, qt, ldr, r0, st + j0 * ldr);
+  }
 }
 
 // block_logits_t for bfloat16 keys AND queries with the AVX512-BF16 dot product: each vdpbf16ps
@@ -137,15 +141,15 @@ inline bool has_bf16_dot() {
 // of widening the keys. Keys k[nb][D] (D even) are read as 32-bit pairs (k[j][2e], k[j][2e+1]);
 // the queries come as pairs too, qp[e * ldr + r] = (q[r][2e], q[r][2e+1]), unscaled, and the
 // logits are scaled on the way out: st[j * ldr + r] = scale * dot(key j, query r).
-#ifdef SNAPKV_CPU_BF16_DOT
+#ifdef SNAPKV_CPU_X86
 // Two bf16 values as one 32-bit word (memcpy: no alignment or aliasing assumption).
-inline int32_t load_pair(const uint16_t* p) {
+SNAPKV_AI int32_t load_pair(const uint16_t* p) {
   int32_t x;
   __builtin_memcpy(&x, p, sizeof(x));
   return x;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void block_logits_bf16_dot(
+SNAPKV_TARGET_AVX512BF16 inline void block_logits_bf16_dot(
     const uint16_t* __restrict__ k, int64_t nb, int64_t D, const uint32_t* __restrict__ qp, int64_t ldr,
     float scale, float* __restrict__ st) {
   const int64_t D2 = D / 2;
@@ -187,13 +191,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void block_logits_
 }
 #endif
 
+
 // exp_fast for common.h's helpers that take their exp.
 struct ExpFast {
-  float operator()(float x) const { return exp_fast(x); }
+  SNAPKV_AI float operator()(float x) const { return exp_fast(x); }
 };
 
 // Soft-caps rows r < n of a transposed logits block st[nb][ldr] in place (common.h's rule).
-SNAPKV_CPU_CLONES inline void softcap_block(float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
+SNAPKV_AI void softcap_block(float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
                                             float softcap) {
   for (int64_t j = 0; j < nb; ++j) {
     float* row = st + j * ldr;
@@ -204,7 +209,7 @@ SNAPKV_CPU_CLONES inline void softcap_block(float* __restrict__ st, int64_t nb, 
 
 // Per-row softmax statistics of a transposed logits block st[nb][ldr] over rows r < n:
 // m[r] = max_j st[j][r], l[r] = sum_j exp(st[j][r] - m[r]) (l = 0 where every logit is -inf).
-SNAPKV_CPU_CLONES inline void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
+SNAPKV_AI void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
                                               float* __restrict__ m, float* __restrict__ l) {
   for (int64_t r = 0; r < n; ++r) m[r] = -INFINITY;
   for (int64_t j = 0; j < nb; ++j) {
@@ -223,17 +228,21 @@ SNAPKV_CPU_CLONES inline void block_row_stats(const float* __restrict__ st, int6
   }
 }
 
-// sum over i < n of exp(s[i] - lse[i]).
-SNAPKV_CPU_CLONES inline float sum_probs(const float* __restrict__ s, const float* __restrict__ lse, int64_t n) {
+// sum over i < n of exp(s[i] - m[i]) * inv_l[i]: the softmax probabilities of a row's logits
+// given its max m and 1 / (sum of exp(x - m)). Relative error a few ulp whatever the logits'
+// magnitude (exp(s - lse) would lose ulp(lse) of it).
+SNAPKV_AI float sum_probs(const float* __restrict__ s, const float* __restrict__ m, const float* __restrict__ inv_l,
+                          int64_t n) {
   float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += exp_fast(s[i] - lse[i]);
+  for (int64_t i = 0; i < n; ++i) acc += exp_fast(s[i] - m[i]) * inv_l[i];
   return acc;
 }
 
 // y[j - j0] = pooled x over the whole window [j - k/2, j + k/2] for j in [j0, j1) (the caller
 // keeps those windows inside x). Blocks of 64 outputs stay in registers across the k offsets.
-SNAPKV_CPU_CLONES inline void pool_interior(Pooling mode, const float* __restrict__ x, int64_t j0, int64_t j1,
+template <class Isa>
+SNAPKV_AI void pool_interior(Pooling mode, const float* __restrict__ x, int64_t j0, int64_t j1,
                                             int64_t kernel_size, float* __restrict__ y) {
   constexpr int64_t kTile = 64;
   const int64_t half = kernel_size / 2;

@@ -14,6 +14,10 @@
 namespace snapkv {
 namespace {
 
+SNAPKV_CPU_VARIANTS(void, pool_interior, cpu::pool_interior,
+                    (Pooling mode, const float* x, int64_t j0, int64_t j1, int64_t kernel_size, float* y),
+                    (mode, x, j0, j1, kernel_size, y))
+
 // One row: y[j] = pooled x over pool_bounds(j), -inf before p0 (left padding). x is float (the
 // caller widens other dtypes into a scratch row).
 template <typename T>
@@ -32,12 +36,12 @@ void pool_row(Pooling mode, const float* x, int64_t N, int64_t kernel_size, int6
   };
   for (int64_t j = p0; j < std::min(i0, N); ++j) edge(j);
   if constexpr (std::is_same_v<T, float>) {
-    cpu::pool_interior(mode, x, i0, i1, kernel_size, y + i0);
+    pool_interior(mode, x, i0, i1, kernel_size, y + i0);
   } else {
     float tile[256];
     for (int64_t j = i0; j < i1; j += 256) {
       const int64_t n = std::min<int64_t>(256, i1 - j);
-      cpu::pool_interior(mode, x, j, j + n, kernel_size, tile);
+      pool_interior(mode, x, j, j + n, kernel_size, tile);
       for (int64_t t = 0; t < n; ++t) y[j + t] = static_cast<T>(tile[t]);
     }
   }

@@ -34,16 +34,11 @@ typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint16_t u16x32 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-// Element types as the loads see them: float, bfloat16 as raw bits, float16 as _Float16.
-#if defined(__FLT16_MAX__)
-using Half16 = _Float16;
-#define SNAPKV_HAVE_FLOAT16 1
+// Element types as the loads see them: float, bfloat16 as raw bits, float16 as cpu::Half16.
+using cpu::Half16;
+#ifdef SNAPKV_HAVE_FLOAT16
 typedef _Float16 f16x16 __attribute__((vector_size(32)));
-#else
-using Half16 = c10::Half;
 #endif
-
-#define SNAPKV_AI __attribute__((always_inline)) inline
 
 template <typename T>
 SNAPKV_AI float widen1(const T* p);
@@ -298,19 +293,28 @@ SNAPKV_AI void run_item(const Item& it, const T* __restrict__ k, int64_t ks, con
   }
 }
 
-// Compiled per instruction set (cpu_math.h's SNAPKV_CPU_CLONES); one per element type.
-SNAPKV_CPU_CLONES void run_item_f32(const Item& it, const float* k, int64_t ks, const float* v, int64_t vs) {
+// Compiled per CPU path (cpu_isa.h); one per element type.
+template <class Isa>
+SNAPKV_AI void run_item_f32_impl(const Item& it, const float* k, int64_t ks, const float* v, int64_t vs) {
   run_item<false, float>(it, k, ks, v, vs);
 }
-SNAPKV_CPU_CLONES void run_item_bf16(const Item& it, const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs) {
+template <class Isa>
+SNAPKV_AI void run_item_bf16_impl(const Item& it, const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs) {
   if (it.D % 32 == 0)
     run_item<true, uint16_t>(it, k, ks, v, vs);
   else
     run_item<false, uint16_t>(it, k, ks, v, vs);
 }
-SNAPKV_CPU_CLONES void run_item_f16(const Item& it, const Half16* k, int64_t ks, const Half16* v, int64_t vs) {
+template <class Isa>
+SNAPKV_AI void run_item_f16_impl(const Item& it, const Half16* k, int64_t ks, const Half16* v, int64_t vs) {
   run_item<false, Half16>(it, k, ks, v, vs);
 }
+SNAPKV_CPU_VARIANTS(void, run_item_f32, run_item_f32_impl,
+                    (const Item& it, const float* k, int64_t ks, const float* v, int64_t vs), (it, k, ks, v, vs))
+SNAPKV_CPU_VARIANTS(void, run_item_bf16, run_item_bf16_impl,
+                    (const Item& it, const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs), (it, k, ks, v, vs))
+SNAPKV_CPU_VARIANTS(void, run_item_f16, run_item_f16_impl,
+                    (const Item& it, const Half16* k, int64_t ks, const Half16* v, int64_t vs), (it, k, ks, v, vs))
 
 template <typename scalar_t>
 void run_item_typed(const Item& it, const scalar_t* k, int64_t ks, const scalar_t* v, int64_t vs) {

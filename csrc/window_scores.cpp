@@ -5,8 +5,9 @@
 // keys one block of kBlock keys at a time (a register-tiled fp32 micro-kernel writing the block's
 // logits transposed, [keys, rows], so that per-row statistics vectorise over rows):
 //   pass 1: every row's softmax statistics (max, sum) over the keys it sees, merged per block;
-//   pass 2: for the prefix keys, sum exp(logit - lse) over each head's window, combine groups.
-// Pass 2 needs pass 1's log-sum-exp, so the logits are either recomputed (extra memory per worker:
+//   pass 2: for the prefix keys, sum exp(logit - max) / sum over each head's window, combine groups.
+// The per-head work is compiled once per CPU path (cpu_isa.h), with that path's register tile.
+// Pass 2 needs pass 1's statistics, so the logits are either recomputed (extra memory per worker:
 // one [kBlock, R] block) or, when it fits the O(B*H_kv*L) budget, kept from pass 1 (one [L, R]
 // buffer per worker, used only while workers * R <= 2 * B * H_kv, e.g. full multi-head attention).
 // With a soft-cap (Gemma 2), each block's scaled logits are capped right after they are computed,
@@ -27,6 +28,114 @@ constexpr int64_t kBlock = 256;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+enum class KeyType { F32, BF16, F16 };
+
+// One call's geometry and tensors as raw pointers (the per-path kernel sees no ATen).
+struct ScoreJob {
+  int64_t Hkv, L, N, D, w, G, R, ldr;
+  KeyType key_type;
+  const void* keys;        // [B, H_kv, L, D] contiguous
+  const float* qt;         // [B, H_kv, D, ldr] pre-scaled fp32 queries, transposed (fp32 kernels)
+  const uint32_t* qp;      // [B, H_kv, D / 2, ldr] unscaled bf16 query pairs (AVX512-BF16 kernel)
+  float scale, softcap;
+  GroupReduce reduce;
+  const int64_t* pad;      // [B] left padding
+  bool keep_logits;        // pass 1's logits kept for pass 2 (one [L, ldr] buffer per worker)
+  float* out;              // [B, H_kv, N]
+};
+
+// One worker's buffers.
+struct ScoreScratch {
+  float* logits;    // [kBlock or round_up(L, kBlock), ldr]
+  float* kbuf;      // [kBlock, D]: a bf16/f16 block widened (fp32 kernels)
+  SoftmaxStat* stat;  // [R]
+  float *m, *inv_l, *bm, *bl;  // [R] each
+};
+
+// Transposed scaled (and soft-capped) logits of keys [j0, j1) of head kh: st[(j - j0) * ldr + r].
+template <class Isa, typename KeyT>
+SNAPKV_AI void head_block_logits(const ScoreJob& job, const ScoreScratch& ws, const KeyT* kh, int64_t bh, int64_t j0,
+                                 int64_t j1, float* st) {
+  const int64_t nb = j1 - j0, D = job.D;
+  if constexpr (std::is_same_v<KeyT, float>) {
+    cpu::block_logits_t<Isa>(kh + j0 * D, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
+  } else {
+#ifdef SNAPKV_CPU_X86
+    if constexpr (Isa::kIsa == cpu::Isa::Avx512Bf16 && std::is_same_v<KeyT, uint16_t>) {
+      if (job.qp != nullptr) {
+        cpu::block_logits_bf16_dot(kh + j0 * D, nb, D, job.qp + bh * (D / 2) * job.ldr, job.ldr, job.scale, st);
+        if (job.softcap > 0.f) cpu::softcap_block(st, nb, job.ldr, job.R, job.softcap);
+        return;
+      }
+    }
+#endif
+    cpu::widen_rows(kh + j0 * D, nb * D, ws.kbuf);
+    cpu::block_logits_t<Isa>(ws.kbuf, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
+  }
+  // Soft-capped when asked (the rows r < R: the padding rows are never read).
+  if (job.softcap > 0.f) cpu::softcap_block(st, nb, job.ldr, job.R, job.softcap);
+}
+
+// Heads bh in [begin, end): pass 1 (every row's softmax statistics), then pass 2 (the votes).
+template <class Isa, typename KeyT>
+SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end, const ScoreScratch& ws) {
+  const int64_t L = job.L, N = job.N, D = job.D, w = job.w, G = job.G, R = job.R, ldr = job.ldr;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t p0 = job.pad[bh / job.Hkv];
+    const KeyT* kh = static_cast<const KeyT*>(job.keys) + bh * L * D;
+    float* o = job.out + bh * N;
+    auto block_ptr = [&](int64_t j0) { return job.keep_logits ? ws.logits + (j0 - p0) * ldr : ws.logits; };
+
+    // Pass 1: softmax statistics of every row over the keys it sees.
+    for (int64_t r = 0; r < R; ++r) ws.stat[r] = stat_empty();
+    for (int64_t j0 = p0; j0 < L; j0 += kBlock) {
+      const int64_t j1 = std::min(L, j0 + kBlock);
+      float* st = block_ptr(j0);
+      head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
+      // Inside the window, query i does not see the keys after it (causal).
+      for (int64_t j = std::max(j0, N); j < j1; ++j)
+        for (int64_t r = 0; r < R; ++r)
+          if (!key_visible(j, r % w, L, w, p0)) st[(j - j0) * ldr + r] = neg_inf();
+      cpu::block_row_stats(st, j1 - j0, ldr, R, ws.bm, ws.bl);
+      for (int64_t r = 0; r < R; ++r)
+        if (ws.bl[r] > 0.f) ws.stat[r] = stat_merge(ws.stat[r], SoftmaxStat{ws.bm[r], ws.bl[r]});
+    }
+    // Each row's max and 1 / sum (0 for a row that sees no key: its probabilities are 0).
+    for (int64_t r = 0; r < R; ++r) {
+      const bool empty = ws.stat[r].m == -INFINITY;
+      ws.m[r] = empty ? 0.f : ws.stat[r].m;
+      ws.inv_l[r] = empty ? 0.f : 1.f / ws.stat[r].l;
+    }
+
+    // Pass 2: votes of the prefix keys (all visible to every window query), per group head.
+    const float inv_w = 1.f / static_cast<float>(w);
+    for (int64_t j0 = p0; j0 < N; j0 += kBlock) {
+      const int64_t j1 = std::min(N, j0 + kBlock);
+      float* st = block_ptr(j0);
+      if (!job.keep_logits) head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* row = st + (j - j0) * ldr;
+        float acc = group_init(job.reduce);
+        for (int64_t g = 0; g < G; ++g)
+          acc = group_combine(job.reduce, acc, cpu::sum_probs(row + g * w, ws.m + g * w, ws.inv_l + g * w, w) * inv_w);
+        o[j] = group_finish(job.reduce, acc, G);
+      }
+    }
+  }
+}
+
+template <class Isa>
+SNAPKV_AI void score_heads_impl(const ScoreJob& job, int64_t begin, int64_t end, const ScoreScratch& ws) {
+  switch (job.key_type) {
+    case KeyType::F32: return score_heads_typed<Isa, float>(job, begin, end, ws);
+    case KeyType::BF16: return score_heads_typed<Isa, uint16_t>(job, begin, end, ws);
+    default: return score_heads_typed<Isa, cpu::Half16>(job, begin, end, ws);
+  }
+}
+
+SNAPKV_CPU_VARIANTS(void, score_heads, score_heads_impl,
+                    (const ScoreJob& job, int64_t begin, int64_t end, const ScoreScratch& ws), (job, begin, end, ws))
+
 }  // namespace
 
 at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
@@ -37,16 +146,17 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   const GroupReduce reduce = parse_group_reduce(group_reduce);
   const float scale = resolve_scale(scale_opt, s.D);
   const float softcap = resolve_softcap(softcap_opt);
-  const int64_t G = s.group(), R = G * s.w, N = s.L - s.w, D = s.D, L = s.L, w = s.w;
+  const int64_t G = s.group(), R = G * s.w, N = s.L - s.w, D = s.D, L = s.L;
   const int64_t ldr = round_up(R, 32);
 
   const auto f32 = keys.options().dtype(at::kFloat);
   // The queries in the layout the logit kernel reads; row r = g*w + i is query head kv*G + g,
   // window query i, rows padded with zeros to ldr. Either
   //   qp[b, kv, e, r] = (q[r][2e], q[r][2e+1]), unscaled bf16 pairs, for the AVX512-BF16 kernel
-  //     (bf16 keys and queries on a CPU that has it), or
+  //     (bf16 keys and queries on the avx512bf16 path), or
   //   qt[b, kv, d, r]: pre-scaled fp32 queries, transposed, for the fp32 kernels.
-  const bool bf16_dot = keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && cpu::has_bf16_dot();
+  const bool bf16_dot =
+      keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && cpu::active_isa() == cpu::Isa::Avx512Bf16;
   at::Tensor qp, qt;
   if (bf16_dot) {
     at::Tensor padded = at::zeros({s.B, s.Hkv, ldr, D}, q_window.options());
@@ -60,78 +170,34 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   at::Tensor out = at::zeros({s.B, s.Hkv, N}, f32);
   const std::vector<int64_t> pad = pad_values(pad_lengths, s.B);
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), s.B * s.Hkv);
-  const bool keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
+
+  ScoreJob job;
+  job.Hkv = s.Hkv;
+  job.L = L;
+  job.N = N;
+  job.D = D;
+  job.w = s.w;
+  job.G = G;
+  job.R = R;
+  job.ldr = ldr;
+  job.key_type = k.scalar_type() == at::kFloat ? KeyType::F32 : k.scalar_type() == at::kBFloat16 ? KeyType::BF16 : KeyType::F16;
+  job.keys = k.data_ptr();
+  job.qt = bf16_dot ? nullptr : qt.data_ptr<float>();
+  job.qp = bf16_dot ? reinterpret_cast<const uint32_t*>(qp.data_ptr<int32_t>()) : nullptr;
+  job.scale = scale;
+  job.softcap = softcap;
+  job.reduce = reduce;
+  job.pad = pad.data();
+  job.keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
+  job.out = out.data_ptr<float>();
 
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor logits = at::empty({(keep_logits ? round_up(L, kBlock) : kBlock) * ldr}, f32);
-    at::Tensor kbuf = k.scalar_type() == at::kHalf ? at::empty({kBlock, D}, f32) : at::Tensor();
+    std::vector<float> logits((job.keep_logits ? round_up(L, kBlock) : kBlock) * ldr);
+    std::vector<float> kbuf(job.key_type == KeyType::F32 || bf16_dot ? 0 : kBlock * D);
     std::vector<SoftmaxStat> stat(R);
-    std::vector<float> lse(R), bm(R), bl(R);
-    float* lg = logits.data_ptr<float>();
-
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / s.Hkv, p0 = pad[b];
-      const float* qh = bf16_dot ? nullptr : qt.data_ptr<float>() + bh * D * ldr;
-      const at::Tensor kh = k[b][bh % s.Hkv];  // [L, D]
-      float* o = out.data_ptr<float>() + bh * N;
-
-      // Transposed scaled logits of keys [j0, j1): st[(j - j0) * ldr + r].
-      auto scaled_logits = [&](int64_t j0, int64_t j1, float* st) {
-        const int64_t nb = j1 - j0;
-        if (k.scalar_type() == at::kFloat) {
-          cpu::block_logits_t(kh.data_ptr<float>() + j0 * D, nb, D, qh, ldr, st);
-        } else if (k.scalar_type() == at::kBFloat16) {
-          const auto* kb = reinterpret_cast<const uint16_t*>(kh.data_ptr<at::BFloat16>());
-#ifdef SNAPKV_CPU_BF16_DOT
-          if (bf16_dot) {
-            const auto* qb = reinterpret_cast<const uint32_t*>(qp.data_ptr<int32_t>()) + bh * (D / 2) * ldr;
-            cpu::block_logits_bf16_dot(kb + j0 * D, nb, D, qb, ldr, scale, st);
-            return;
-          }
-#endif
-          cpu::block_logits_t_bf16(kb + j0 * D, nb, D, qh, ldr, st);
-        } else {  // float16: widen one block into kbuf
-          kbuf.narrow(0, 0, nb).copy_(kh.narrow(0, j0, nb));
-          cpu::block_logits_t(kbuf.data_ptr<float>(), nb, D, qh, ldr, st);
-        }
-      };
-      // ... soft-capped when asked (the rows r < R: the padding rows are never read).
-      auto block_logits = [&](int64_t j0, int64_t j1, float* st) {
-        scaled_logits(j0, j1, st);
-        if (softcap > 0.f) cpu::softcap_block(st, j1 - j0, ldr, R, softcap);
-      };
-      auto block_ptr = [&](int64_t j0) { return keep_logits ? lg + (j0 - p0) * ldr : lg; };
-
-      // Pass 1: softmax statistics of every row over the keys it sees.
-      for (int64_t r = 0; r < R; ++r) stat[r] = stat_empty();
-      for (int64_t j0 = p0; j0 < L; j0 += kBlock) {
-        const int64_t j1 = std::min(L, j0 + kBlock);
-        float* st = block_ptr(j0);
-        block_logits(j0, j1, st);
-        // Inside the window, query i does not see the keys after it (causal).
-        for (int64_t j = std::max(j0, N); j < j1; ++j)
-          for (int64_t r = 0; r < R; ++r)
-            if (!key_visible(j, r % w, L, w, p0)) st[(j - j0) * ldr + r] = neg_inf();
-        cpu::block_row_stats(st, j1 - j0, ldr, R, bm.data(), bl.data());
-        for (int64_t r = 0; r < R; ++r)
-          if (bl[r] > 0.f) stat[r] = stat_merge(stat[r], SoftmaxStat{bm[r], bl[r]});
-      }
-      for (int64_t r = 0; r < R; ++r) lse[r] = stat_lse(stat[r]);
-
-      // Pass 2: votes of the prefix keys (all visible to every window query), per group head.
-      for (int64_t j0 = p0; j0 < N; j0 += kBlock) {
-        const int64_t j1 = std::min(N, j0 + kBlock);
-        float* st = block_ptr(j0);
-        if (!keep_logits) block_logits(j0, j1, st);
-        for (int64_t j = j0; j < j1; ++j) {
-          const float* row = st + (j - j0) * ldr;
-          float acc = group_init(reduce);
-          for (int64_t g = 0; g < G; ++g)
-            acc = group_combine(reduce, acc, cpu::sum_probs(row + g * w, lse.data() + g * w, w) / static_cast<float>(w));
-          o[j] = group_finish(reduce, acc, G);
-        }
-      }
-    }
+    std::vector<float> m(R), inv_l(R), bm(R), bl(R);
+    const ScoreScratch ws{logits.data(), kbuf.data(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data()};
+    score_heads(job, begin, end, ws);
   });
   return out;
 }

@@ -10,7 +10,8 @@ command line, evaluations and model loaders are in :mod:`snapkv_ext.tools`.
 import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
 
 from . import _C  # noqa: F401  (registers torch.ops.snapkv.*)
-from . import ops, reference
+from . import cpu, ops, reference
+from .cpu import cpu_info, cpu_isa, cpu_isas, forced_cpu_isa, set_cpu_isa
 from .config import SnapKVConfig
 from .ops import (
     compact,
@@ -30,17 +31,24 @@ __all__ = [
     "SnapKVDocument",
     "compact",
     "compact_into",
+    "cpu_info",
+    "cpu_isa",
+    "cpu_isas",
+    "forced_cpu_isa",
     "has_cuda_kernels",
     "ops",
     "pool_scores",
     "ragged_attention",
     "reference",
     "select_topk",
+    "set_cpu_isa",
     "snapkv_compress",
     "snapkv_compress_into",
     "window_scores",
 ]
 __version__ = "0.1.0"
+
+cpu._apply_env()
 
 
 def __getattr__(name):

@@ -1,7 +1,5 @@
-"""CPU-specific code paths: the kernel variants a machine may or may not pick, the huge-page
-outputs, and how the library is linked."""
-import os
-import subprocess
+"""CPU-specific code paths: unusual bf16 layouts, the huge-page outputs, and how the library is
+linked. (Every instruction-set path, forced in turn, is in test_cpu_isa.py.)"""
 import sys
 
 import pytest
@@ -10,30 +8,6 @@ import torch
 from snapkv_ext import ops, reference as ref
 
 from conftest import assert_scores_close, randn
-
-_WIDEN_SCRIPT = """
-import sys, torch
-from snapkv_ext import ops
-q, k, softcap = torch.load(sys.argv[1])
-torch.save(ops.window_scores(q, k, softcap=softcap), sys.argv[2])
-"""
-
-
-@pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("group,head_dim", [(1, 128), (4, 64), (3, 80)])
-def test_bf16_widening_kernel(tmp_path, gen, group, head_dim, softcap):
-    """bfloat16 keys have two CPU kernels: the AVX512-BF16 dot product where the CPU has it, else
-    widening to float32. Whichever this process uses, run the widening one in a child process
-    (SNAPKV_CPU_NO_BF16_DOT=1) and hold both to the float64 reference, with and without a cap
-    (the dot-product kernel scales its logits itself: the cap must come after)."""
-    q = randn((2, 2 * group, 16, head_dim), torch.bfloat16, "cpu", gen, scale=1.0 if softcap is None else 4.0)
-    k = randn((2, 2, 301, head_dim), torch.bfloat16, "cpu", gen, scale=2.0)
-    torch.save((q, k, softcap), tmp_path / "in.pt")
-    env = dict(os.environ, SNAPKV_CPU_NO_BF16_DOT="1")
-    subprocess.run([sys.executable, "-c", _WIDEN_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                   env=env, check=True)
-    assert_scores_close(torch.load(tmp_path / "out.pt"), q, k, softcap=softcap)  # widening kernel
-    assert_scores_close(ops.window_scores(q, k, softcap=softcap), q, k, softcap=softcap)  # this process's kernel
 
 
 @pytest.mark.parametrize("head_dim", [65, 72])
