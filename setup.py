@@ -52,7 +52,7 @@ def extensions():
     openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
     # -fno-trapping-math: without it GCC will not if-convert the clamps of the vectorised exp
     # (csrc/cpu_math.h), and the softmax loops stay scalar. Results are unchanged (no FP traps are used).
-    cxx = opt + (["-fopenmp"] if openmp else ["-fopenmp-simd"]) + ["-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
+    cxx = opt + (["-fopenmp"] if openmp else ["-fopenmp-simd"]) + ["-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link = ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if want_cuda():

@@ -8,6 +8,9 @@ window, pool, topk, gather from the repeated cache. Ours selects per KV head wit
     python benchmarks/bench_ops.py --device cuda --lengths 4096 16384 32768 65536 131072
     python benchmarks/bench_ops.py --json out.json
     python benchmarks/bench_ops.py --decode                # ragged_attention vs SDPA, decode shapes
+    python benchmarks/bench_ops.py --cpu-isas all          # every CPU path this machine has, forced in turn
+
+The output and the JSON name the CPU (model, vector flags) and the CPU path of every row.
 
 --decode times ragged_attention (one new token, every KV head's segment in a flat store) against
 torch's scaled_dot_product_attention(enable_gqa=True) on a dense [B, H_kv, T, D] cache holding the
@@ -269,7 +272,8 @@ def cpu_memory(name, dtype_name, L, args):
     cmd += ["--ops", *args.ops] if args.ops else []
     # 4 KB pages: RSS counts a handful of 2 MB page faults late (per-CPU counters), so the
     # huge-page advice for large outputs is off in the child (same bytes, precise counter).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", SNAPKV_CPU_NO_HUGE_PAGES="1")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", SNAPKV_CPU_NO_HUGE_PAGES="1",
+               SNAPKV_CPU_ISA=snapkv_ext.cpu_isa())
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -355,17 +359,29 @@ def main():
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--decode", action="store_true", help="ragged_attention vs SDPA on decode shapes")
     p.add_argument("--decode-configs", nargs="*", default=None, choices=sorted(DECODE_CONFIGS))
+    p.add_argument("--cpu-isas", nargs="+", default=None,
+                   help="CPU paths to measure, each forced in turn (names from snapkv_ext.cpu_isas(), or 'all'); "
+                        "default: the active one")
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
         return
-    if args.decode:
-        rows, bw = run_decode(args), None
-    else:
-        rows, bw = run(args)
+    info = snapkv_ext.cpu_info()
+    isas = [info["isa"]] if not args.cpu_isas else info["isas"] if args.cpu_isas == ["all"] else args.cpu_isas
+    print(f"CPU: {info['model']} ({info['machine']}, {info['cores']} cores, flags {' '.join(info['flags'])}); "
+          f"paths it runs: {', '.join(info['isas'])}; measuring: {', '.join(isas)}", flush=True)
+    rows, bw = [], None
+    for isa in isas:
+        with snapkv_ext.forced_cpu_isa(isa):
+            print(f"-- CPU path {isa}", flush=True)
+            if args.decode:
+                part = run_decode(args)
+            else:
+                part, bw = run(args)
+        rows += [dict(row, cpu_isa=isa) for row in part]
     if args.json:
         meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
-                    machine=platform.processor() or platform.machine(), copy_bandwidth_gbs=bw,
+                    machine=platform.processor() or platform.machine(), cpu=info, copy_bandwidth_gbs=bw,
                     gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
                     date=time.strftime("%Y-%m-%d"), argv=sys.argv)
         with open(args.json, "w") as f:

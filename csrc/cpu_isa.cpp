@@ -46,6 +46,15 @@ const char* isa_name(Isa isa) {
   }
 }
 
+int isa_lanes(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Bf16: return Avx512Bf16::kLanes;
+    case Isa::Avx512: return Avx512::kLanes;
+    case Isa::Avx2: return Avx2::kLanes;
+    default: return Baseline::kLanes;
+  }
+}
+
 std::vector<Isa> available_isas() {
   std::vector<Isa> out;
   for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Baseline})

@@ -66,28 +66,36 @@ struct Avx512Bf16 : Avx512 {
   static constexpr Isa kIsa = Isa::Avx512Bf16;
 };
 
-// Defines `RET NAME PARAMS` that runs `IMPL<Traits> ARGS` compiled for the active path.
-// IMPL and everything it calls in its hot loops must be always-inline (a helper that is not
-// inlined is compiled for the baseline).
+// Lanes of a path's float vector (16 avx512*, 8 avx2, 4 baseline): for host code that lays out
+// data for a kernel (read the path once with active_isa() and pass the same one to NAME_for).
+int isa_lanes(Isa isa);
+
+// Defines `RET NAME PARAMS`, which runs `IMPL<Traits> ARGS` compiled for the active path, and
+// `NAME_for(isa)`, the function compiled for a given path (a host that lays out data for one path
+// calls that path's kernel). IMPL and everything it calls in its hot loops must be always-inline
+// (a helper that is not inlined is compiled for the baseline).
 #ifdef SNAPKV_CPU_X86
-#define SNAPKV_CPU_VARIANTS(RET, NAME, IMPL, PARAMS, ARGS)                                      \
-  static RET NAME##_baseline PARAMS { return IMPL<::snapkv::cpu::Baseline> ARGS; }             \
-  SNAPKV_TARGET_AVX2 static RET NAME##_avx2 PARAMS { return IMPL<::snapkv::cpu::Avx2> ARGS; } \
+#define SNAPKV_CPU_VARIANTS(RET, NAME, IMPL, PARAMS, ARGS)                                        \
+  static RET NAME##_baseline PARAMS { return IMPL<::snapkv::cpu::Baseline> ARGS; }               \
+  SNAPKV_TARGET_AVX2 static RET NAME##_avx2 PARAMS { return IMPL<::snapkv::cpu::Avx2> ARGS; }   \
   SNAPKV_TARGET_AVX512 static RET NAME##_avx512 PARAMS { return IMPL<::snapkv::cpu::Avx512> ARGS; } \
-  SNAPKV_TARGET_AVX512BF16 static RET NAME##_avx512bf16 PARAMS {                               \
-    return IMPL<::snapkv::cpu::Avx512Bf16> ARGS;                                               \
-  }                                                                                             \
-  RET NAME PARAMS {                                                                             \
-    switch (::snapkv::cpu::active_isa()) {                                                      \
-      case ::snapkv::cpu::Isa::Avx512Bf16: return NAME##_avx512bf16 ARGS;                       \
-      case ::snapkv::cpu::Isa::Avx512: return NAME##_avx512 ARGS;                               \
-      case ::snapkv::cpu::Isa::Avx2: return NAME##_avx2 ARGS;                                   \
-      default: return NAME##_baseline ARGS;                                                     \
-    }                                                                                           \
-  }
+  SNAPKV_TARGET_AVX512BF16 static RET NAME##_avx512bf16 PARAMS {                                 \
+    return IMPL<::snapkv::cpu::Avx512Bf16> ARGS;                                                 \
+  }                                                                                               \
+  [[maybe_unused]] static RET(*NAME##_for(::snapkv::cpu::Isa isa)) PARAMS {                      \
+    switch (isa) {                                                                                \
+      case ::snapkv::cpu::Isa::Avx512Bf16: return &NAME##_avx512bf16;                             \
+      case ::snapkv::cpu::Isa::Avx512: return &NAME##_avx512;                                     \
+      case ::snapkv::cpu::Isa::Avx2: return &NAME##_avx2;                                         \
+      default: return &NAME##_baseline;                                                           \
+    }                                                                                             \
+  }                                                                                               \
+  [[maybe_unused]] static RET NAME PARAMS { return NAME##_for(::snapkv::cpu::active_isa()) ARGS; }
 #else
-#define SNAPKV_CPU_VARIANTS(RET, NAME, IMPL, PARAMS, ARGS) \
-  RET NAME PARAMS { return IMPL<::snapkv::cpu::Baseline> ARGS; }
+#define SNAPKV_CPU_VARIANTS(RET, NAME, IMPL, PARAMS, ARGS)                                     \
+  static RET NAME##_baseline PARAMS { return IMPL<::snapkv::cpu::Baseline> ARGS; }            \
+  [[maybe_unused]] static RET(*NAME##_for(::snapkv::cpu::Isa)) PARAMS { return &NAME##_baseline; } \
+  [[maybe_unused]] static RET NAME PARAMS { return NAME##_baseline ARGS; }
 #endif
 
 }  // namespace cpu

@@ -27,103 +27,129 @@ namespace {
 
 constexpr int64_t kBlock = 64;           // keys per softmax block
 constexpr int64_t kMinSplitKeys = 256;   // a key split is at least this long
-constexpr int64_t kLanes = 16;
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint16_t u16x32 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+// Vectors of a path's width W = Isa::kLanes (16 on AVX-512, 8 on AVX2, 4 on the baseline).
+template <class Isa>
+using vf = typename Isa::vec;
+template <int W>
+struct LaneTypes;
+#ifdef SNAPKV_HAVE_FLOAT16
+#define SNAPKV_LANE_TYPES(W)                                                   \
+  template <>                                                                  \
+  struct LaneTypes<W> {                                                        \
+    typedef uint32_t u32 __attribute__((vector_size(4 * W)));                  \
+    typedef uint16_t u16 __attribute__((vector_size(2 * W)));                  \
+    typedef _Float16 f16 __attribute__((vector_size(2 * W)));                  \
+  };
+#else
+#define SNAPKV_LANE_TYPES(W)                                                   \
+  template <>                                                                  \
+  struct LaneTypes<W> {                                                        \
+    typedef uint32_t u32 __attribute__((vector_size(4 * W)));                  \
+    typedef uint16_t u16 __attribute__((vector_size(2 * W)));                  \
+  };
+#endif
+SNAPKV_LANE_TYPES(4)
+SNAPKV_LANE_TYPES(8)
+SNAPKV_LANE_TYPES(16)
+template <class Isa>
+using vu32 = typename LaneTypes<Isa::kLanes>::u32;
+template <class Isa>
+using vu16 = typename LaneTypes<Isa::kLanes>::u16;
+#ifdef SNAPKV_HAVE_FLOAT16
+template <class Isa>
+using vf16 = typename LaneTypes<Isa::kLanes>::f16;
+#endif
 
 // Element types as the loads see them: float, bfloat16 as raw bits, float16 as cpu::Half16.
 using cpu::Half16;
-#ifdef SNAPKV_HAVE_FLOAT16
-typedef _Float16 f16x16 __attribute__((vector_size(32)));
-#endif
 
 template <typename T>
-SNAPKV_AI float widen1(const T* p);
-template <>
-SNAPKV_AI float widen1<float>(const float* p) { return *p; }
-template <>
-SNAPKV_AI float widen1<uint16_t>(const uint16_t* p) { return cpu::widen<uint16_t>(*p); }
-template <>
-SNAPKV_AI float widen1<Half16>(const Half16* p) { return static_cast<float>(*p); }
+SNAPKV_AI float widen1(const T* p) {
+  return cpu::widen<T>(*p);
+}
 
-// 16 consecutive elements as fp32 (no alignment assumed).
-template <typename T>
-SNAPKV_AI v16 load16(const T* p);
-template <>
-SNAPKV_AI v16 load16<float>(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <>
-SNAPKV_AI v16 load16<uint16_t>(const uint16_t* p) {
-  u16x16 x;
-  __builtin_memcpy(&x, p, sizeof(x));
-  // Each bf16 as the high half of a zero-extended fp32 word: one word shuffle (vpermi2w) on
-  // AVX-512 where a widening convert + shift splits into halves.
-  const u16x16 z = {};
-  const u16x32 w = __builtin_shufflevector(z, x, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23, 8, 24, 9, 25,
-                                           10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  v16 v;
-  __builtin_memcpy(&v, &w, sizeof(v));
-  return v;
-}
-template <>
-SNAPKV_AI v16 load16<Half16>(const Half16* p) {
+// W consecutive elements as fp32 (no alignment assumed).
+template <class Isa, typename T>
+SNAPKV_AI vf<Isa> loadw(const T* p) {
+  vf<Isa> v;
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<T, uint16_t>) {
+    vu16<Isa> x;
+    __builtin_memcpy(&x, p, sizeof(x));
+    const vu32<Isa> w = __builtin_convertvector(x, vu32<Isa>) << 16;  // bf16 = the high half of fp32
+    __builtin_memcpy(&v, &w, sizeof(v));
+  } else {
 #ifdef SNAPKV_HAVE_FLOAT16
-  f16x16 x;
-  __builtin_memcpy(&x, p, sizeof(x));
-  return __builtin_convertvector(x, v16);
+    vf16<Isa> x;
+    __builtin_memcpy(&x, p, sizeof(x));
+    v = __builtin_convertvector(x, vf<Isa>);
 #else
-  v16 v;
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
+    for (int i = 0; i < Isa::kLanes; ++i) v[i] = static_cast<float>(p[i]);
 #endif
+  }
+  return v;
 }
 
-// Chunk c (16 lanes) of a row. With kPair (bfloat16, D % 32 == 0) the lanes are a fixed
-// permutation of the elements: chunk 2g holds the even elements of the row's 32-element group g,
+// Chunk c (W lanes) of a row. With kPair (bfloat16, D % 32 == 0) the lanes are a fixed
+// permutation of the elements: chunk 2g holds the even elements of the row's 2W-element group g,
 // chunk 2g + 1 the odd ones, each widened by a shift or a mask of the group's 32-bit pairs (no
 // shuffle). Queries and accumulators use the same permutation (perm_index), so dot products
 // and the value sums are unchanged; the output is written back in element order.
-template <typename T, bool kPair>
-SNAPKV_AI v16 load_chunk(const T* row, int64_t c) {
+template <class Isa, typename T, bool kPair>
+SNAPKV_AI vf<Isa> load_chunk(const T* row, int64_t c) {
   if constexpr (kPair) {
-    u32x16 w;
-    __builtin_memcpy(&w, row + (c >> 1) * 32, sizeof(w));
+    vu32<Isa> w;
+    __builtin_memcpy(&w, row + (c >> 1) * 2 * Isa::kLanes, sizeof(w));
     w = (c & 1) ? (w & 0xffff0000u) : (w << 16);
-    v16 v;
+    vf<Isa> v;
     __builtin_memcpy(&v, &w, sizeof(v));
     return v;
   } else {
-    return load16<T>(row + c * kLanes);
+    return loadw<Isa, T>(row + c * Isa::kLanes);
   }
 }
 
-// Where element d of a row sits in the (possibly permuted) fp32 query / accumulator layout.
-inline int64_t perm_index(int64_t d, bool pair) {
-  return pair ? (d & ~int64_t{31}) + (d & 1) * 16 + ((d & 31) >> 1) : d;
+// Where element d of a row sits in the (possibly permuted) fp32 query / accumulator layout of a
+// path with W lanes.
+inline int64_t perm_index(int64_t d, bool pair, int64_t W) {
+  return pair ? (d & ~(2 * W - 1)) + (d & 1) * W + ((d & (2 * W - 1)) >> 1) : d;
 }
 
-// The lane sums of four vectors at once: out[t] = sum of a_t's 16 lanes (a transpose-add tree:
-// 8 shuffles and 5 adds for the four, instead of 4 x (4 shuffles + 4 adds)).
-SNAPKV_AI void hsum4(v16 a0, v16 a1, v16 a2, v16 a3, float* out) {
-  const v16 x01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                  __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  const v16 x23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                  __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  // Lanes 4t..4t+3: four partial sums of a_t.
-  v16 y = __builtin_shufflevector(x01, x23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-          __builtin_shufflevector(x01, x23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  y += __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  y += __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  out[0] = y[0];
-  out[1] = y[4];
-  out[2] = y[8];
-  out[3] = y[12];
+// The lane sums of four vectors at once: out[t] = sum of a_t's lanes. On AVX-512 a transpose-add
+// tree (8 shuffles and 5 adds for the four, instead of 4 x (4 shuffles + 4 adds)); elsewhere by
+// halving each vector.
+template <class Isa>
+SNAPKV_AI float hsum(vf<Isa> a) {
+  float s = 0.f;
+#pragma GCC unroll 16
+  for (int i = 0; i < Isa::kLanes; ++i) s += a[i];
+  return s;
+}
+
+template <class Isa>
+SNAPKV_AI void hsum4(vf<Isa> a0, vf<Isa> a1, vf<Isa> a2, vf<Isa> a3, float* out) {
+  if constexpr (Isa::kLanes == 16) {
+    typedef vf<Isa> v16;
+    const v16 x01 = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const v16 x23 = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                    __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    // Lanes 4t..4t+3: four partial sums of a_t.
+    v16 y = __builtin_shufflevector(x01, x23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            __builtin_shufflevector(x01, x23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    y += __builtin_shufflevector(y, y, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    y += __builtin_shufflevector(y, y, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    out[0] = y[0];
+    out[1] = y[4];
+    out[2] = y[8];
+    out[3] = y[12];
+  } else {
+    out[0] = hsum<Isa>(a0);
+    out[1] = hsum<Isa>(a1);
+    out[2] = hsum<Isa>(a2);
+    out[3] = hsum<Isa>(a3);
+  }
 }
 
 // Software prefetch of one row (the next block's), line by line: with one query row (MHA) there is
@@ -136,7 +162,7 @@ SNAPKV_AI void prefetch_row(const T* p, int64_t D) {
 
 // One work item's geometry and buffers.
 struct Item {
-  int64_t R, Rp, D, Dp, Dc;   // rows, rows rounded up to 4, head dim, D rounded up to 16, full chunks
+  int64_t R, Rp, D, Dp, Dc;   // rows, rows rounded up to 4, head dim, D rounded up to 16, full W-lane chunks
   int64_t n;                  // new tokens per query head (row r is token r % n)
   int64_t seg_len;            // the segment's length
   int64_t k0, k1;             // this item's key range inside the segment
@@ -148,59 +174,63 @@ struct Item {
   float* l;                   // [R] running sum
 };
 
-// Logits of rows [0, Rp) against keys [0, nb) of k (row stride ks): four (row, key) pairs per
+// Logits of rows [0, Rp) against keys [0, nb) of k (row stride ks): four or eight (row, key) pairs per
 // unit, RG rows x KJ keys.
-template <int RG, int KJ, bool kPair, typename T>
+template <class Isa, int RG, int KJ, bool kPair, typename T>
 SNAPKV_AI void block_logits(const Item& it, const T* __restrict__ k, int64_t ks, int64_t nb) {
-  static_assert(RG * KJ == 4, "a unit is four dot products");
+  constexpr int U = RG * KJ;
+  static_assert(U == 4 || U == 8, "a unit is four or eight dot products");
   for (int64_t r0 = 0; r0 < it.Rp; r0 += RG) {
     for (int64_t j0 = 0; j0 < nb; j0 += KJ) {
       const T* kr[KJ];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int jj = 0; jj < KJ; ++jj) kr[jj] = k + (j0 + jj < nb ? j0 + jj : j0) * ks;
       if (r0 == 0)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int jj = 0; jj < KJ; ++jj) prefetch_row(kr[jj] + kBlock * ks, it.D);
-      v16 acc[4] = {};
+      vf<Isa> acc[U] = {};
       for (int64_t c = 0; c < it.Dc; ++c) {
-        v16 kv[KJ];
-#pragma GCC unroll 4
-        for (int jj = 0; jj < KJ; ++jj) kv[jj] = load_chunk<T, kPair>(kr[jj], c);
+        vf<Isa> kv[KJ];
+#pragma GCC unroll 8
+        for (int jj = 0; jj < KJ; ++jj) kv[jj] = load_chunk<Isa, T, kPair>(kr[jj], c);
 #pragma GCC unroll 4
         for (int rr = 0; rr < RG; ++rr) {
-          const v16 qv = load16<float>(it.q + (r0 + rr) * it.Dp + c * kLanes);
-#pragma GCC unroll 4
+          const vf<Isa> qv = loadw<Isa, float>(it.q + (r0 + rr) * it.Dp + c * Isa::kLanes);
+#pragma GCC unroll 8
           for (int jj = 0; jj < KJ; ++jj) acc[rr * KJ + jj] += qv * kv[jj];
         }
       }
-      float dot[4];
-      hsum4(acc[0], acc[1], acc[2], acc[3], dot);
-      for (int64_t d = it.Dc * kLanes; d < it.D; ++d) {  // head-dim tail (D % 16)
+      float dot[U];
+#pragma GCC unroll 2
+      for (int u = 0; u < U; u += 4) hsum4<Isa>(acc[u], acc[u + 1], acc[u + 2], acc[u + 3], dot + u);
+      for (int64_t d = it.Dc * Isa::kLanes; d < it.D; ++d) {  // head-dim tail (D % W)
 #pragma GCC unroll 4
         for (int rr = 0; rr < RG; ++rr)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
           for (int jj = 0; jj < KJ; ++jj) dot[rr * KJ + jj] += it.q[(r0 + rr) * it.Dp + d] * widen1<T>(kr[jj] + d);
       }
 #pragma GCC unroll 4
       for (int rr = 0; rr < RG; ++rr)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int jj = 0; jj < KJ; ++jj)
           if (j0 + jj < nb) it.s[(r0 + rr) * kBlock + j0 + jj] = dot[rr * KJ + jj];
     }
   }
 }
 
-// acc[r0 + rr] += sum_j p[r0 + rr][j] * v_j for RT rows, in register tiles of RT x (16 / RT) chunks.
-template <int RT, bool kPair, typename T>
+// acc[r0 + rr] += sum_j p[r0 + rr][j] * v_j for RT rows, in register tiles of RT x (kAcc / RT)
+// chunks: kAcc accumulators, 16 of AVX-512's 32 registers, 12 of the 16 elsewhere.
+template <class Isa, int RT, bool kPair, typename T>
 SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict__ v, int64_t vs, int64_t nb) {
-  constexpr int CT = 16 / RT;
+  constexpr int kAcc = Isa::kLanes == 16 ? 16 : 12;
+  constexpr int CT = kAcc / RT;
   for (int64_t c0 = 0; c0 < it.Dc; c0 += CT) {
-    v16 a[RT][CT] = {};
+    vf<Isa> a[RT][CT] = {};
 #pragma GCC unroll 16
     for (int cc = 0; cc < CT; ++cc)
 #pragma GCC unroll 4
       for (int rr = 0; rr < RT; ++rr)
-        if (c0 + cc < it.Dc) a[rr][cc] = load16<float>(it.acc + (r0 + rr) * it.Dp + (c0 + cc) * kLanes);
+        if (c0 + cc < it.Dc) a[rr][cc] = loadw<Isa, float>(it.acc + (r0 + rr) * it.Dp + (c0 + cc) * Isa::kLanes);
     for (int64_t j = 0; j < nb; ++j) {
       float p[RT];
 #pragma GCC unroll 4
@@ -210,7 +240,7 @@ SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict
 #pragma GCC unroll 16
       for (int cc = 0; cc < CT; ++cc) {
         if (c0 + cc < it.Dc) {
-          const v16 vv = load_chunk<T, kPair>(vr, c0 + cc);
+          const vf<Isa> vv = load_chunk<Isa, T, kPair>(vr, c0 + cc);
 #pragma GCC unroll 4
           for (int rr = 0; rr < RT; ++rr) a[rr][cc] += p[rr] * vv;
         }
@@ -220,9 +250,10 @@ SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict
     for (int cc = 0; cc < CT; ++cc)
 #pragma GCC unroll 4
       for (int rr = 0; rr < RT; ++rr)
-        if (c0 + cc < it.Dc) __builtin_memcpy(it.acc + (r0 + rr) * it.Dp + (c0 + cc) * kLanes, &a[rr][cc], 64);
+        if (c0 + cc < it.Dc)
+          __builtin_memcpy(it.acc + (r0 + rr) * it.Dp + (c0 + cc) * Isa::kLanes, &a[rr][cc], sizeof(a[rr][cc]));
   }
-  for (int64_t d = it.Dc * kLanes; d < it.D; ++d)  // head-dim tail (D % 16)
+  for (int64_t d = it.Dc * Isa::kLanes; d < it.D; ++d)  // head-dim tail (D % W)
     for (int rr = 0; rr < RT; ++rr) {
       float x = it.acc[(r0 + rr) * it.Dp + d];
       for (int64_t j = 0; j < nb; ++j) x += it.s[(r0 + rr) * kBlock + j] * widen1<T>(v + j * vs + d);
@@ -269,25 +300,28 @@ SNAPKV_AI void block_softmax(const Item& it, int64_t j0, int64_t nb) {
 }
 
 // The item's keys [k0, k1) of the segment at k / v (row strides ks / vs), into acc, m, l.
-template <bool kPair, typename T>
+template <class Isa, bool kPair, typename T>
 SNAPKV_AI void run_item(const Item& it, const T* __restrict__ k, int64_t ks, const T* __restrict__ v, int64_t vs) {
   for (int64_t j0 = it.k0; j0 < it.k1; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, it.k1 - j0);
     const T* kb = k + j0 * ks;
+    // Units of 4 dot products on AVX-512 (4 accumulator chains of 16 lanes); of 8 on the narrower
+    // paths, whose 4-chain units wait on the FMA (or add) latency.
+    constexpr int kU = Isa::kLanes == 16 ? 1 : 2;
     if (it.R >= 3)
-      block_logits<4, 1, kPair>(it, kb, ks, nb);
+      block_logits<Isa, 4, kU, kPair>(it, kb, ks, nb);
     else if (it.R == 2)
-      block_logits<2, 2, kPair>(it, kb, ks, nb);
+      block_logits<Isa, 2, 2 * kU, kPair>(it, kb, ks, nb);
     else
-      block_logits<1, 4, kPair>(it, kb, ks, nb);
+      block_logits<Isa, 1, 4 * kU, kPair>(it, kb, ks, nb);
     block_softmax(it, j0, nb);
     const T* vb = v + j0 * vs;
     int64_t r0 = 0;
-    for (; r0 + 4 <= it.R; r0 += 4) block_values_rows<4, kPair>(it, r0, vb, vs, nb);
+    for (; r0 + 4 <= it.R; r0 += 4) block_values_rows<Isa, 4, kPair>(it, r0, vb, vs, nb);
     switch (it.R - r0) {
-      case 3: block_values_rows<3, kPair>(it, r0, vb, vs, nb); break;
-      case 2: block_values_rows<2, kPair>(it, r0, vb, vs, nb); break;
-      case 1: block_values_rows<1, kPair>(it, r0, vb, vs, nb); break;
+      case 3: block_values_rows<Isa, 3, kPair>(it, r0, vb, vs, nb); break;
+      case 2: block_values_rows<Isa, 2, kPair>(it, r0, vb, vs, nb); break;
+      case 1: block_values_rows<Isa, 1, kPair>(it, r0, vb, vs, nb); break;
       default: break;
     }
   }
@@ -296,18 +330,18 @@ SNAPKV_AI void run_item(const Item& it, const T* __restrict__ k, int64_t ks, con
 // Compiled per CPU path (cpu_isa.h); one per element type.
 template <class Isa>
 SNAPKV_AI void run_item_f32_impl(const Item& it, const float* k, int64_t ks, const float* v, int64_t vs) {
-  run_item<false, float>(it, k, ks, v, vs);
+  run_item<Isa, false, float>(it, k, ks, v, vs);
 }
 template <class Isa>
 SNAPKV_AI void run_item_bf16_impl(const Item& it, const uint16_t* k, int64_t ks, const uint16_t* v, int64_t vs) {
   if (it.D % 32 == 0)
-    run_item<true, uint16_t>(it, k, ks, v, vs);
+    run_item<Isa, true, uint16_t>(it, k, ks, v, vs);
   else
-    run_item<false, uint16_t>(it, k, ks, v, vs);
+    run_item<Isa, false, uint16_t>(it, k, ks, v, vs);
 }
 template <class Isa>
 SNAPKV_AI void run_item_f16_impl(const Item& it, const Half16* k, int64_t ks, const Half16* v, int64_t vs) {
-  run_item<false, Half16>(it, k, ks, v, vs);
+  run_item<Isa, false, Half16>(it, k, ks, v, vs);
 }
 SNAPKV_CPU_VARIANTS(void, run_item_f32, run_item_f32_impl,
                     (const Item& it, const float* k, int64_t ks, const float* v, int64_t vs), (it, k, ks, v, vs))
@@ -317,13 +351,13 @@ SNAPKV_CPU_VARIANTS(void, run_item_f16, run_item_f16_impl,
                     (const Item& it, const Half16* k, int64_t ks, const Half16* v, int64_t vs), (it, k, ks, v, vs))
 
 template <typename scalar_t>
-void run_item_typed(const Item& it, const scalar_t* k, int64_t ks, const scalar_t* v, int64_t vs) {
+void run_item_typed(cpu::Isa isa, const Item& it, const scalar_t* k, int64_t ks, const scalar_t* v, int64_t vs) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    run_item_f32(it, k, ks, v, vs);
+    run_item_f32_for(isa)(it, k, ks, v, vs);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    run_item_bf16(it, reinterpret_cast<const uint16_t*>(k), ks, reinterpret_cast<const uint16_t*>(v), vs);
+    run_item_bf16_for(isa)(it, reinterpret_cast<const uint16_t*>(k), ks, reinterpret_cast<const uint16_t*>(v), vs);
   } else {
-    run_item_f16(it, reinterpret_cast<const Half16*>(k), ks, reinterpret_cast<const Half16*>(v), vs);
+    run_item_f16_for(isa)(it, reinterpret_cast<const Half16*>(k), ks, reinterpret_cast<const Half16*>(v), vs);
   }
 }
 
@@ -336,7 +370,10 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
                                 const at::Tensor& values, const at::Tensor& starts_in, const at::Tensor& lengths_in,
                                 double scale_d, c10::optional<double> softcap_opt) {
   const int64_t B = sh.B, Hkv = sh.Hkv, G = sh.group(), n = sh.n, D = sh.D;
-  const int64_t R = G * n, Rp = round_up_to(R, 4), Dp = round_up_to(D, kLanes), BH = B * Hkv;
+  // One CPU path for the whole call: the query layout (W-lane chunks) is that path's.
+  const cpu::Isa isa = cpu::active_isa();
+  const int64_t W = cpu::isa_lanes(isa);
+  const int64_t R = G * n, Rp = round_up_to(R, 4), Dp = round_up_to(D, 16), BH = B * Hkv;
   const float scale = static_cast<float>(scale_d);
   const float softcap = resolve_softcap(softcap_opt);
   const at::Tensor starts = starts_in.contiguous(), lengths = lengths_in.contiguous();
@@ -373,25 +410,25 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
         const int64_t seg = ln[bh];
         const int64_t chunk = round_up_to(ceil_div_i(seg, splits), kBlock);
         float* acc = splits > 1 ? part.data() + item * (Rp * Dp + 2 * R) : own.data();
-        Item it{R, Rp, D, Dp, D / kLanes, n, seg, std::min(seg, split * chunk), std::min(seg, (split + 1) * chunk),
+        Item it{R, Rp, D, Dp, D / W, n, seg, std::min(seg, split * chunk), std::min(seg, (split + 1) * chunk),
                 softcap, qbuf.data(), sbuf.data(), acc, acc + Rp * Dp, acc + Rp * Dp + R};
         if (loaded != bh) {  // scaled fp32 queries, rows g * n + i, zero-padded
           std::fill(qbuf.begin(), qbuf.end(), 0.f);
           for (int64_t r = 0; r < R; ++r) {
             const scalar_t* qr = qp + b * qs0 + (h * G + r / n) * qs1 + (r % n) * qs2;
-            for (int64_t d = 0; d < D; ++d) qbuf[r * Dp + perm_index(d, pair)] = static_cast<float>(qr[d]) * scale;
+            for (int64_t d = 0; d < D; ++d) qbuf[r * Dp + perm_index(d, pair, W)] = static_cast<float>(qr[d]) * scale;
           }
           loaded = bh;
         }
         std::fill(acc, acc + Rp * Dp, 0.f);
         std::fill(it.m, it.m + R, -INFINITY);
         std::fill(it.l, it.l + R, 0.f);
-        run_item_typed<scalar_t>(it, kp + st[bh] * ks, ks, vp + st[bh] * vs, vs);
+        run_item_typed<scalar_t>(isa, it, kp + st[bh] * ks, ks, vp + st[bh] * vs, vs);
         if (splits == 1) {
           scalar_t* ob = op + bh * R * D;  // out[b, h * G + g, i] is row g * n + i of KV head bh
           for (int64_t r = 0; r < R; ++r) {
             const float inv = 1.f / it.l[r];
-            for (int64_t d = 0; d < D; ++d) ob[r * D + d] = static_cast<scalar_t>(acc[r * Dp + perm_index(d, pair)] * inv);
+            for (int64_t d = 0; d < D; ++d) ob[r * D + d] = static_cast<scalar_t>(acc[r * Dp + perm_index(d, pair, W)] * inv);
           }
         }
       }
@@ -417,7 +454,7 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
             for (int64_t d = 0; d < D; ++d) {
               float x = 0.f;
               for (int64_t sp = 0; sp < splits; ++sp)
-                x += w[sp] * part[(bh * splits + sp) * (Rp * Dp + 2 * R) + r * Dp + perm_index(d, pair)];
+                x += w[sp] * part[(bh * splits + sp) * (Rp * Dp + 2 * R) + r * Dp + perm_index(d, pair, W)];
               ob[r * D + d] = static_cast<scalar_t>(x);
             }
           }

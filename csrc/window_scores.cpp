@@ -155,8 +155,8 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   //   qp[b, kv, e, r] = (q[r][2e], q[r][2e+1]), unscaled bf16 pairs, for the AVX512-BF16 kernel
   //     (bf16 keys and queries on the avx512bf16 path), or
   //   qt[b, kv, d, r]: pre-scaled fp32 queries, transposed, for the fp32 kernels.
-  const bool bf16_dot =
-      keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && cpu::active_isa() == cpu::Isa::Avx512Bf16;
+  const cpu::Isa isa = cpu::active_isa();  // one path for the whole call
+  const bool bf16_dot = keys.scalar_type() == at::kBFloat16 && D % 2 == 0 && isa == cpu::Isa::Avx512Bf16;
   at::Tensor qp, qt;
   if (bf16_dot) {
     at::Tensor padded = at::zeros({s.B, s.Hkv, ldr, D}, q_window.options());
@@ -197,7 +197,7 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
     std::vector<SoftmaxStat> stat(R);
     std::vector<float> m(R), inv_l(R), bm(R), bl(R);
     const ScoreScratch ws{logits.data(), kbuf.data(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data()};
-    score_heads(job, begin, end, ws);
+    score_heads_for(isa)(job, begin, end, ws);
   });
   return out;
 }

@@ -277,3 +277,17 @@ def test_module_entry_point_and_bad_usage():
     assert r.returncode == 0 and "demo" in r.stdout and "eval" in r.stdout
     r = subprocess.run([sys.executable, "-m", "snapkv_ext", "generate"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--file" in r.stderr
+
+
+def test_info_names_the_cpu_path(capsys):
+    import json
+
+    import snapkv_ext
+
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    assert f"CPU path: {snapkv_ext.cpu_isa()} (this CPU runs: {', '.join(snapkv_ext.cpu_isas())}" in out
+    with snapkv_ext.forced_cpu_isa("baseline"):
+        res = json.loads(run_cli(["info", "--json"], capsys)[1])
+    assert res["cpu"]["isa"] == "baseline" and res["cpu"]["isas"] == snapkv_ext.cpu_isas()
+    assert res["cuda_kernels"] == snapkv_ext.has_cuda_kernels()

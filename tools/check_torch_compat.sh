@@ -10,7 +10,7 @@
 # How: `pip download --no-deps torch==V` (the PyPI wheel for Linux is the CUDA 13.0 build), then
 # only torch/include/ and torch/utils/cpp_extension.py are unpacked into .venv/torch-V/ (about
 # 60 MB; the wheel itself, over 500 MB, is deleted) and reused by later runs. The compile flags
-# are setup.py's (SNAPKV_WITH_CUDA, -O3 -fopenmp -fno-trapping-math -Wall -Wno-unknown-pragmas for C++, -O3 -lineinfo
+# are setup.py's (SNAPKV_WITH_CUDA, -O3 -fopenmp -fno-trapping-math -Wall -Wno-unknown-pragmas -Wno-psabi for C++, -O3 -lineinfo
 # --expt-relaxed-constexpr for nvcc, sm_80 and sm_90) plus what torch V's own BuildExtension adds,
 # read from its cpp_extension.py (the -std=c++NN it appends, COMMON_NVCC_FLAGS), with its include
 # paths (torch/include, torch/csrc/api/include, $CUDA_HOME/include) and Python's include dirs.
@@ -114,7 +114,7 @@ common = ["-DSNAPKV_WITH_CUDA", *("-I" + i for i in incs)]
 ext = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C", "-D_GLIBCXX_USE_CXX11_ABI=1"]
 base = shlex.split(sysconfig.get_config_var("CFLAGS") or "") + shlex.split(sysconfig.get_config_var("CCSHARED") or "")
 cflags = base + common
-post = ["-O3", "-fopenmp" if openmp else "-fopenmp-simd", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", *ext, std]
+post = ["-O3", "-fopenmp" if openmp else "-fopenmp-simd", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", *ext, std]
 gencode = []
 for a in archs.replace(",", ";").replace(" ", ";").split(";"):
     if a:

@@ -561,11 +561,35 @@ def cmd_eval_ruler(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    """What this install runs: versions, the CUDA kernels, the CPU and the CPU path."""
+    import torch
+
+    import snapkv_ext
+
+    info = snapkv_ext.cpu_info()
+    res = dict(snapkv_ext=snapkv_ext.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
+               cuda_kernels=snapkv_ext.has_cuda_kernels(), gpu=torch.cuda.get_device_name() if torch.cuda.is_available()
+               else None, cpu=info)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    print(f"snapkv-ext {res['snapkv_ext']}, torch {res['torch']} ({res['threads']} threads)")
+    print(f"CUDA kernels built: {res['cuda_kernels']}; GPU: {res['gpu'] or 'none'}")
+    print(f"CPU: {info['model']} ({info['machine']}, {info['cores']} cores); vector flags: {' '.join(info['flags']) or '-'}")
+    print(f"CPU path: {info['isa']} (this CPU runs: {', '.join(info['isas'])}; force one with SNAPKV_CPU_ISA)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: each setting has one name (SnapKVConfig's), not also its prefixes.
     p = argparse.ArgumentParser(prog="snapkv-ext", description="SnapKV KV-cache compression: demo, generation, "
                                 "benchmarks and evaluations on a real model.", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
+
+    i = sub.add_parser("info", help="versions, CUDA kernels, the CPU and the CPU code path in use", allow_abbrev=False)
+    i.add_argument("--json", action="store_true", help="print it as JSON")
+    i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="SnapKV vs the full cache on the embedded SmolLM2", allow_abbrev=False)
     _common(d)
