@@ -232,6 +232,66 @@ class SnapKVDocument:
                         values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)
 
     @classmethod
+    def _check_saved(cls, data, model, path) -> SnapKVConfig:
+        """Everything :meth:`load` will use, checked against ``model`` before anything is built:
+        each field present with the right type, dtype and shape (layers, KV heads, head size,
+        lengths consistent with the stored ids and the settings). -> the settings. One ValueError
+        naming the file and what is wrong otherwise."""
+        def bad(what: str) -> ValueError:
+            return ValueError(f"path: {path}: {what}; the file is damaged or was not written by "
+                              f"SnapKVDocument.save: read the document again")
+
+        fmt = data.get("format") if isinstance(data, dict) else None
+        prefix = cls.FORMAT.rsplit("/", 1)[0] + "/"
+        if not isinstance(fmt, str) or not fmt.startswith(prefix):
+            raise ValueError(f"path: {path} is not a document saved by SnapKVDocument.save ({cls.FORMAT})")
+        if fmt != cls.FORMAT:
+            raise ValueError(f"path: {path} is a saved document of format {fmt!r}, and this snapkv-ext reads "
+                             f"{cls.FORMAT!r}: load it with the snapkv-ext version that wrote it, or read the "
+                             "document again with this one")
+        fields = dict(fingerprint=dict, config=dict, max_question_tokens=int, input_ids=torch.Tensor, keys=list,
+                      values=list, q_tails=list)
+        for name, kind in fields.items():
+            if name not in data:
+                raise bad(f"the field {name!r} is missing")
+            if not isinstance(data[name], kind) or (kind is int and isinstance(data[name], bool)):
+                raise bad(f"{name!r} must be a {kind.__name__}, got {type(data[name]).__name__}")
+        here = cls._fingerprint(model)
+        for key, want in data["fingerprint"].items():
+            if here.get(key) != want:
+                raise ValueError(f"this document was read by another model ({key}: saved {want!r}, this model "
+                                 f"{here.get(key)!r}); read it again with this one")
+        if set(data["fingerprint"]) != set(here):
+            raise bad(f"the model fingerprint has fields {sorted(data['fingerprint'])}, expected {sorted(here)}")
+        try:
+            config = SnapKVConfig(**data["config"])
+        except (TypeError, ValueError) as e:
+            raise bad(f"its settings are not valid SnapKV settings ({e})") from None
+        if data["max_question_tokens"] < 1:
+            raise bad(f"max_question_tokens must be positive, got {data['max_question_tokens']}")
+        ids = data["input_ids"]
+        if ids.dtype != torch.long or ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] <= config.window_size:
+            raise bad(f"input_ids must be int64 [1, L] with L > window_size ({config.window_size}), got "
+                      f"{ids.dtype} {list(ids.shape)}")
+        L, w = ids.shape[1], config.window_size
+        att = attention_layers(model)
+        dtype = next(model.parameters()).dtype
+        for name in ("keys", "values", "q_tails"):
+            if len(data[name]) != len(att):
+                raise bad(f"{name!r} has {len(data[name])} layers, this model {len(att)}")
+        for i, a in enumerate(att):
+            D = a.module.head_dim
+            n = L if a.sliding_window is None else min(L, a.sliding_window - 1)
+            want = {"keys": [1, a.kv_heads, n, D], "values": [1, a.kv_heads, n, D], "q_tails": [1, a.q_heads, w, D]}
+            for name, shape in want.items():
+                t = data[name][i]
+                if not isinstance(t, torch.Tensor) or list(t.shape) != shape or t.dtype != dtype:
+                    got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise bad(f"{name}[{i}] must be {dtype} {shape} (layer {i}: {a.kv_heads if name != 'q_tails' else a.q_heads} "
+                              f"heads of {D}, {L} document tokens), got {got}")
+        return config
+
+    @classmethod
     def load(cls, model, path: str) -> "SnapKVDocument":
         """A document :meth:`save` wrote, for ``model`` (the model that read it: refused otherwise),
         without reading the document again."""
@@ -241,15 +301,9 @@ class SnapKVDocument:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise ValueError(f"path: cannot read a saved document from {path} ({type(e).__name__})") from None
-        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
-            raise ValueError(f"path: {path} is not a document saved by SnapKVDocument.save ({cls.FORMAT})")
-        here = cls._fingerprint(model)
-        for key, want in data["fingerprint"].items():
-            if here.get(key) != want:
-                raise ValueError(f"this document was read by another model ({key}: saved {want!r}, this model "
-                                 f"{here.get(key)!r}); read it again with this one")
+        config = cls._check_saved(data, model, path)
         doc = cls.__new__(cls)
-        doc.config = SnapKVConfig(**data["config"])
+        doc.config = config
         doc.max_question_tokens = data["max_question_tokens"]
         doc.model = model
         doc._attention = attention_layers(model)
