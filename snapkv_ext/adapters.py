@@ -5,12 +5,12 @@ file says how its attention modules compute their queries (projection, query nor
 reads from each module the logit transform it applies (``module.scaling``; Gemma's
 ``attn_logit_softcapping``) and whether the layer slides over a window. The cache holds nothing
 model-specific; adding an architecture is one :class:`Family` entry in ``FAMILIES`` plus one
-test config (``snapkv_ext.tools.models.TINY_CONFIGS``); see README "Adding an architecture".
+test config (``snapkv_ext.tools.models.TINY_CONFIGS``); see docs/extending.md.
 
 Tensor parallelism (Transformers' ``tp_plan``): each process's attention computes its own share
 of the heads, and the cache keeps that share; :func:`attention_layers` says how many heads each
 module computes on this process and refuses, in one line, a sharding that splits a KV head or a
-GQA group (README "Scaling out").
+GQA group (docs/scaling-out.md).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-README_SECTION = "README.md, 'Adding an architecture'"
+EXTENDING_DOC = "docs/extending.md"
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class AttentionLayer:
 
 def unsupported(model_name: str, what: str) -> ValueError:
     return ValueError(f"SnapKVCache does not support {model_name}: {what}; supported attention classes: "
-                      f"{', '.join(sorted(_BY_CLASS))} (see {README_SECTION})")
+                      f"{', '.join(sorted(_BY_CLASS))} (see {EXTENDING_DOC})")
 
 
 def _sliding_window(module: torch.nn.Module, fam: Family) -> Optional[int]:
@@ -197,7 +197,7 @@ def attention_layers(model: torch.nn.Module) -> List[AttentionLayer]:
     if stages > 1:
         raise ValueError(f"SnapKVCache does not support pipeline parallelism ({name} is split over {stages} pipeline "
                          "stages, each holding only its own layers); use tensor parallelism or a device_map "
-                         "(README.md, 'Scaling out')")
+                         "(docs/scaling-out.md)")
     mods = [(n, m) for n, m in model.named_modules()
             if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     if not mods:

@@ -17,7 +17,7 @@ exactly what is kept, decoded through :func:`snapkv_ext.ops.ragged_attention`).
 Built in (:data:`POLICIES`): ``snapkv`` (uniform, the default), ``pyramidkv`` (layer budgets
 falling linearly from the lowest to the highest layer, same total), ``adakv`` (per layer: a floor
 per head, then one top-k over all heads' pooled scores) and ``ada-pyramidkv`` (both). A policy of
-one's own is a small class with these two methods and ``per_head`` (README, "Selection policies");
+one's own is a small class with these two methods and ``per_head`` (docs/policies.md);
 :func:`resolve` checks it. :mod:`snapkv_ext.reference` has a float64 plain-torch reference of each.
 """
 from __future__ import annotations

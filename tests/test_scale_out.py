@@ -62,8 +62,8 @@ REFUSED = {
     # Pipeline parallel: each process holds some of the layers.
     "pipeline": (dict(arch="llama", layers=2, heads=4, kv_heads=2), dict(pp_size=2),
                  "SnapKVCache does not support pipeline parallelism (LlamaForCausalLM is split over 2 pipeline "
-                 "stages, each holding only its own layers); use tensor parallelism or a device_map (README.md, "
-                 "'Scaling out')"),
+                 "stages, each holding only its own layers); use tensor parallelism or a device_map "
+                 "(docs/scaling-out.md)"),
 }
 TIMEOUT_S = 300
 
