@@ -14,6 +14,7 @@
 // before the causal mask, so both passes (and kept logits) see the capped values.
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <vector>
 
 #include "cpu_parallel.h"
@@ -192,11 +193,12 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   job.out = out.data_ptr<float>();
 
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits((job.keep_logits ? round_up(L, kBlock) : kBlock) * ldr);
-    std::vector<float> kbuf(job.key_type == KeyType::F32 || bf16_dot ? 0 : kBlock * D);
+    // Uninitialised (every entry read is written first): a kept [L, ldr] block is MBs.
+    std::unique_ptr<float[]> logits(new float[(job.keep_logits ? round_up(L, kBlock) : kBlock) * ldr]);
+    std::unique_ptr<float[]> kbuf(new float[job.key_type == KeyType::F32 || bf16_dot ? 1 : kBlock * D]);
     std::vector<SoftmaxStat> stat(R);
     std::vector<float> m(R), inv_l(R), bm(R), bl(R);
-    const ScoreScratch ws{logits.data(), kbuf.data(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data()};
+    const ScoreScratch ws{logits.get(), kbuf.get(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data()};
     score_heads_for(isa)(job, begin, end, ws);
   });
   return out;
