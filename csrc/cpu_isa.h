@@ -48,7 +48,9 @@ struct Baseline {
 #if defined(__aarch64__)
   static constexpr int kLanes = 4, kKeys = 8, kRowVecs = 2;  // NEON: 32 registers of 128 bits
 #else
-  static constexpr int kLanes = 4, kKeys = 4, kRowVecs = 2;  // SSE2: 16 xmm, no FMA (a product temp each)
+  // SSE2: 16 xmm, no FMA (a product temp each) and a two-instruction broadcast: 2 keys x 4 vectors
+  // (8 accumulators) spends one broadcast per 4 products.
+  static constexpr int kLanes = 4, kKeys = 2, kRowVecs = 4;
 #endif
   typedef float vec __attribute__((vector_size(16)));
 };
