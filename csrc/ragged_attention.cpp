@@ -117,8 +117,8 @@ inline int64_t perm_index(int64_t d, bool pair, int64_t W) {
 }
 
 // The lane sums of four vectors at once: out[t] = sum of a_t's lanes. On AVX-512 a transpose-add
-// tree (8 shuffles and 5 adds for the four, instead of 4 x (4 shuffles + 4 adds)); elsewhere by
-// halving each vector.
+// tree (8 shuffles and 5 adds for the four, instead of 4 x (4 shuffles + 4 adds)); elsewhere one
+// lane sum per vector (hsum).
 template <class Isa>
 SNAPKV_AI float hsum(vf<Isa> a) {
   float s = 0.f;
