@@ -23,6 +23,7 @@ mask sizes for layer l while it runs (``SnapKVCache.focus``).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -103,15 +104,17 @@ def _text_config(model):
 
 
 def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, hidden_device=None) -> Dict[str, int]:
+                   chunk_size: int = DEFAULT_CHUNK_SIZE, hidden_device=None, padded: bool = False) -> Dict[str, int]:
     """Bytes a layer-major prefill adds to the loaded model, by part: ``hidden`` (all L tokens'
     hidden states: 0 on the device if ``hidden_device="cpu"`` with the model on a GPU), ``layer_kv``
     (the largest layer's full KV plus its selection), ``cache`` (every layer's compressed KV and
-    decode reserve), ``chunk`` (one chunk's activations, its bool mask over the keys so far and
-    the additive copy of it torch's SDPA makes), ``attention`` (what the model's
+    decode reserve), ``chunk`` (one chunk's activations; where a layer runs the model's masked
+    attention (:func:`unmasked_layers`; ``padded``: a left-padded batch), its bool mask over the
+    keys so far and the additive copy of it torch's SDPA makes), ``attention`` (what the
     attention adds over the keys so far: with GQA, Transformers' sdpa and eager attention repeat
     the KV heads for a masked chunk, H_q / H_kv times one layer's KV; eager attention also holds the
-    chunk's scores and probabilities in float32) and ``total``."""
+    chunk's scores and probabilities in float32; an unmasked chunk holds chunk-sized terms only)
+    and ``total``."""
     cfg = _text_config(model)
     p = next(model.parameters())
     elem = torch.finfo(p.dtype).bits // 8 if p.dtype.is_floating_point else 4
@@ -135,16 +138,20 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
     # one chunk: residual, norm, q/k/v/o, MLP (gate, up, act), attention output; the bool mask
     # over the keys so far, and the additive copy torch's SDPA makes of it in the query's dtype;
     # the logits of the last position (float32)
-    chunk = (B * c * (6 * H + 3 * heads + 3 * inter * experts) * elem + B * c * L * (1 + elem)
+    masked = c < L and len(unmasked_layers(model, None, padded)) < len(cache.layers)
+    chunk = (B * c * (6 * H + 3 * heads + 3 * inter * experts) * elem + B * c * L * (1 + elem) * masked
              + B * cfg.vocab_size * 4)
     attention = 0
-    if c < L:  # a chunk attends to more keys than it has queries: the attention gets a mask
-        a = next(iter(cache._attention.values()))
-        q_heads = a.q_heads
+    a = next(iter(cache._attention.values()))
+    q_heads, D = a.q_heads, a.module.head_dim
+    if masked:  # a chunk attends to more keys than it has queries: the attention gets a mask
         if q_heads != a.kv_heads:
-            attention += 2 * B * q_heads * L * a.module.head_dim * elem
+            attention += 2 * B * q_heads * L * D * elem
         if (getattr(cfg, "_attn_implementation", None) or "sdpa").removeprefix(routing.PREFIX) == "eager":
             attention += 2 * B * q_heads * c * L * 4
+    elif c < L:  # routing.chunk_attention: the chunk's own keys repeated per query head, the two
+        # partial outputs and the folded queries; their float32 merge
+        attention += B * q_heads * c * D * ((2 * (q_heads != a.kv_heads) + 3) * elem + 8 * (elem < 4))
     on_cpu = hidden_device is not None and torch.device(hidden_device).type == "cpu" and p.is_cuda
     parts = dict(hidden=0 if on_cpu else B * L * H * elem, layer_kv=max(full) - kept[full.index(max(full))],
                  cache=sum(kept), chunk=chunk, attention=attention)
@@ -227,7 +234,8 @@ def prefill(model, input_ids: Tensor, cache: SnapKVCache, *, chunk_size: int = D
         attention_mask = m
     device = next(model.parameters()).device
     if check_memory:
-        need = prefill_memory(model, cache, B, L, chunk_size, hidden_device)
+        need = prefill_memory(model, cache, B, L, chunk_size, hidden_device,
+                              padded=attention_mask is not None and not bool(attention_mask.bool().all()))
         free = _free_bytes(device)
         if free is not None and need["total"] > free:
             raise MemoryError(f"prefill of {L} tokens needs about {_gib(need['total'])} on {device} (hidden states "
@@ -237,6 +245,14 @@ def prefill(model, input_ids: Tensor, cache: SnapKVCache, *, chunk_size: int = D
                               "use a smaller chunk_size, hidden_device='cpu', or a smaller budget")
     return run_layer_major(model, input_ids, cache, chunk_spans(L, chunk_size, w), attention_mask=attention_mask,
                            position_ids=position_ids, hidden_device=hidden_device, progress=progress)
+
+
+def unmasked_layers(model, attention_mask: Optional[Tensor] = None, padded: bool = False) -> set:
+    """Indices of the layers whose chunks run :func:`snapkv_ext.routing.chunk_attention` (no
+    ``chunk x L`` mask; :func:`snapkv_ext.routing.chunk_attention_applies`) for a batch with this
+    ``attention_mask`` (or ``padded``); the others run the model's own attention with its mask."""
+    padded = padded or (attention_mask is not None and not bool(attention_mask.bool().all()))
+    return {a.layer_idx for a in attention_layers(model) if routing.chunk_attention_applies(model, a, padded)}
 
 
 def run_layer_major(model, input_ids: Tensor, cache: LayerMajorCache, spans: List[Tuple[int, int]], *,
@@ -252,23 +268,25 @@ def run_layer_major(model, input_ids: Tensor, cache: LayerMajorCache, spans: Lis
     state = _Hidden(B, L, hidden_device)
     originals = list(layers)
     skips = [_Skip(layer) for layer in originals]
+    unmasked = unmasked_layers(model, attention_mask)
     logits = None
     try:
         for i in range(len(layers)):
             layers[i] = skips[i]
-        with torch.no_grad():
+        with torch.no_grad(), (routing.routed(model) if unmasked else nullcontext()):
             for i, layer in enumerate(originals):
                 layers[i] = _Run(layer, i, state)
                 cache.focus(i)
-                for s, e in spans:
-                    state.span = (s, e)
-                    out = model(input_ids=input_ids[:, s:e],
-                                attention_mask=None if attention_mask is None else attention_mask[:, :e],
-                                position_ids=(torch.arange(s, e, device=input_ids.device)[None].expand(B, -1)
-                                              if position_ids is None else position_ids[:, s:e]),
-                                use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-                    if progress is not None:
-                        progress(i, e, L)
+                with routing.unmasked_chunks() if i in unmasked else nullcontext():
+                    for s, e in spans:
+                        state.span = (s, e)
+                        out = model(input_ids=input_ids[:, s:e],
+                                    attention_mask=None if attention_mask is None else attention_mask[:, :e],
+                                    position_ids=(torch.arange(s, e, device=input_ids.device)[None].expand(B, -1)
+                                                  if position_ids is None else position_ids[:, s:e]),
+                                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+                        if progress is not None:
+                            progress(i, e, L)
                 layers[i] = skips[i]
                 logits = out.logits[:, -1]
     except BaseException:

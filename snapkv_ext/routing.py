@@ -14,13 +14,20 @@ exceptions, both recognised by the key tensor a SnapKV layer's ``update`` return
   mask, for the longest: ``SnapKVCache.get_mask_sizes``): the mask's last columns are its own.
 
 Any other cache (``DynamicCache``, ...) sees exactly the original attention.
+
+A layer-major prefill (:mod:`snapkv_ext.prefill`) routes the model for its run and, where
+:func:`chunk_attention_applies`, runs each chunk inside :func:`unmasked_chunks`: the mask
+functions build no mask, and the attention runs the chunk against the keys before it unmasked
+and against its own block causally, merged by log-sum-exp (:func:`chunk_attention`), with a GQA
+group's query heads folded into rows rather than the KV heads repeated.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import weakref
-from typing import NamedTuple, Optional
+from contextlib import contextmanager
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +36,7 @@ PREFIX = "snapkv+"
 _ROUTABLE = ("sdpa", "eager")
 _marks: dict = {}
 _lock = threading.Lock()
+_local = threading.local()  # .chunks: inside unmasked_chunks() on this thread
 
 
 class RaggedKV(NamedTuple):
@@ -80,8 +88,72 @@ def _ragged(module, query: Tensor, keys: Tensor, info: RaggedKV, scaling, kwargs
     return out.transpose(1, 2).contiguous(), None
 
 
+# ---------------------------------------------------------------- layer-major chunks
+
+
+def chunk_attention_applies(model, attention, padded: bool) -> bool:
+    """Whether a layer-major chunk of ``attention`` (an :class:`~snapkv_ext.adapters.AttentionLayer`)
+    can run as :func:`chunk_attention`: on the CPU (whose flash kernel returns the log-sum-exp),
+    under the model's ``sdpa`` attention, on a global layer without a logit soft-cap or attention
+    sinks, in a batch without padding. Otherwise the chunk runs the model's own masked attention."""
+    p = next(model.parameters())
+    m = attention.module
+    return (p.device.type == "cpu" and original_implementation(model) == "sdpa" and not padded
+            and attention.softcap is None and attention.sliding_window is None
+            and getattr(m, "sinks", None) is None and p.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+@contextmanager
+def unmasked_chunks():
+    """Within: the routed mask functions return no mask and the routed attention runs
+    :func:`chunk_attention` (one layer runs per forward: :mod:`snapkv_ext.prefill`)."""
+    _local.chunks = True
+    try:
+        yield
+    finally:
+        _local.chunks = False
+
+
+def _flash_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+    """Attention of a chunk's queries ``[B, H_q, c, D]`` at positions ``L - c .. L - 1`` over the
+    layer's keys so far ``[B, H_kv, L, D]``: what the model's causal attention gives, without a
+    ``c x L`` mask. The keys before the chunk are all visible (one unmasked pass, the group's
+    ``H_q / H_kv`` query heads as rows of their KV head); the chunk's own ``c x c`` block is causal;
+    the two are merged by their log-sum-exp in float32. Returns ``[B, H_q, c, D_v]``."""
+    B, Hq, c, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    g, s = Hq // Hkv, L - c
+    if value.shape[-1] != D or query.device.type != "cpu":  # the flash kernel's limits: masked, as the model
+        mask = torch.arange(L, device=key.device) <= torch.arange(s, L, device=key.device)[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key.repeat_interleave(g, 1), value.repeat_interleave(g, 1), attn_mask=mask, scale=scale)
+    k_own, v_own = key[:, :, s:], value[:, :, s:]
+    if g > 1:  # the c x c block: its c keys repeated per query head (not the L before it)
+        k_own = k_own[:, :, None].expand(B, Hkv, g, c, D).reshape(B, Hq, c, D)
+        v_own = v_own[:, :, None].expand(B, Hkv, g, c, v_own.shape[-1]).reshape(B, Hq, c, -1)
+    out, lse = _flash_lse(query, k_own, v_own, scale, True)
+    if s == 0:
+        return out
+    prior, lse_p = _flash_lse(query.reshape(B, Hkv, g * c, D), key[:, :, :s], value[:, :, :s], scale, False)
+    prior, lse_p = prior.reshape(B, Hq, c, -1), lse_p.reshape(B, Hq, c)
+    total = torch.logaddexp(lse, lse_p)
+    w_own, w_prior = (lse - total).exp_().unsqueeze(-1), (lse_p - total).exp_().unsqueeze(-1)
+    if out.dtype == torch.float32:
+        return out.mul_(w_own).addcmul_(prior, w_prior)
+    return (out.float().mul_(w_own).addcmul_(prior.float(), w_prior)).to(query.dtype)
+
+
 def _make(name: str):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if getattr(_local, "chunks", False):
+            if attention_mask is not None or query.shape[2] > key.shape[2]:
+                raise RuntimeError("snapkv routing: a layer-major chunk got a mask or more queries than keys")
+            scale = float(scaling if scaling is not None else module.scaling)
+            return chunk_attention(query, key, value, scale).transpose(1, 2).contiguous(), None
         info = _take(key)
         if isinstance(info, RaggedKV):
             return _ragged(module, query, key, info, scaling, kwargs)
@@ -103,8 +175,16 @@ def _register(name: str) -> str:
     routed = PREFIX + name
     if routed not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(routed, _make(name))
-        AttentionMaskInterface.register(routed, ALL_MASK_ATTENTION_FUNCTIONS[name])
+        AttentionMaskInterface.register(routed, _mask(ALL_MASK_ATTENTION_FUNCTIONS[name]))
     return routed
+
+
+def _mask(original):
+    def mask(*args, **kwargs):
+        return None if getattr(_local, "chunks", False) else original(*args, **kwargs)
+
+    mask.__name__ = f"snapkv_{getattr(original, '__name__', 'mask')}"
+    return mask
 
 
 def _configs(model):
@@ -128,6 +208,19 @@ def route(model) -> None:
             raise ValueError(f"a budget policy other than 'snapkv' needs the model's attention to be one of "
                              f"{', '.join(_ROUTABLE)}, got {impl!r} (load it with attn_implementation='sdpa')")
         cfg._attn_implementation = _register(impl)
+
+
+@contextmanager
+def routed(model):
+    """``model`` routed for the block (:func:`route`), as it was after: a model that was not
+    routed before is not routed after."""
+    before = [(cfg, cfg._attn_implementation) for cfg in _configs(model)]
+    route(model)
+    try:
+        yield
+    finally:
+        for cfg, impl in before:
+            cfg._attn_implementation = impl
 
 
 def original_implementation(model) -> Optional[str]:
