@@ -42,9 +42,13 @@ void set_isa(const std::string& name);
 
 // Per-path traits: the vector type the kernels compute in and the logits register tile
 // (kKeys keys x kRowVecs vectors of window rows = kKeys * kRowVecs accumulators, plus kRowVecs
-// query vectors and one broadcast key element in registers).
+// query vectors and one broadcast key element in registers). kBlasLogits: window_scores computes
+// its logits blocks with the BLAS torch ships instead of the tile (the portable path: MKL or
+// OpenBLAS pick the CPU's best kernel, which SSE2 code without FMA cannot match; measured in
+// benchmarks/RESULTS.md section 15).
 struct Baseline {
   static constexpr Isa kIsa = Isa::Baseline;
+  static constexpr bool kBlasLogits = true;
 #if defined(__aarch64__)
   static constexpr int kLanes = 4, kKeys = 8, kRowVecs = 2;  // NEON: 32 registers of 128 bits
 #else
@@ -56,11 +60,13 @@ struct Baseline {
 };
 struct Avx2 {
   static constexpr Isa kIsa = Isa::Avx2;
+  static constexpr bool kBlasLogits = false;
   static constexpr int kLanes = 8, kKeys = 6, kRowVecs = 2;  // 12 accumulators + 3 of 16 ymm
   typedef float vec __attribute__((vector_size(32)));
 };
 struct Avx512 {
   static constexpr Isa kIsa = Isa::Avx512;
+  static constexpr bool kBlasLogits = false;
   static constexpr int kLanes = 16, kKeys = 8, kRowVecs = 2;  // 16 accumulators + 3 of 32 zmm
   typedef float vec __attribute__((vector_size(64)));
 };

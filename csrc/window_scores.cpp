@@ -53,13 +53,30 @@ struct ScoreScratch {
   float *m, *inv_l, *bm, *bl;  // [R] each
 };
 
+// st[nb, ldr] = k[nb, D] x qt[D, ldr] through the BLAS torch ships (a path with kBlasLogits).
+// Called from a worker of the parallel loop: the BLAS runs single-threaded there.
+void blas_block_logits(const float* k, int64_t nb, int64_t D, const float* qt, int64_t ldr, float* st) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(st, {nb, ldr}, f32);
+  at::mm_out(out, at::from_blob(const_cast<float*>(k), {nb, D}, f32), at::from_blob(const_cast<float*>(qt), {D, ldr}, f32));
+}
+
+template <class Isa>
+SNAPKV_AI void block_logits(const float* k, int64_t nb, int64_t D, const float* qt, int64_t ldr, float* st) {
+  if constexpr (Isa::kBlasLogits) {
+    blas_block_logits(k, nb, D, qt, ldr, st);
+  } else {
+    cpu::block_logits_t<Isa>(k, nb, D, qt, ldr, st);
+  }
+}
+
 // Transposed scaled (and soft-capped) logits of keys [j0, j1) of head kh: st[(j - j0) * ldr + r].
 template <class Isa, typename KeyT>
 SNAPKV_AI void head_block_logits(const ScoreJob& job, const ScoreScratch& ws, const KeyT* kh, int64_t bh, int64_t j0,
                                  int64_t j1, float* st) {
   const int64_t nb = j1 - j0, D = job.D;
   if constexpr (std::is_same_v<KeyT, float>) {
-    cpu::block_logits_t<Isa>(kh + j0 * D, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
+    block_logits<Isa>(kh + j0 * D, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
   } else {
 #ifdef SNAPKV_CPU_X86
     if constexpr (Isa::kIsa == cpu::Isa::Avx512Bf16 && std::is_same_v<KeyT, uint16_t>) {
@@ -71,7 +88,7 @@ SNAPKV_AI void head_block_logits(const ScoreJob& job, const ScoreScratch& ws, co
     }
 #endif
     cpu::widen_rows(kh + j0 * D, nb * D, ws.kbuf);
-    cpu::block_logits_t<Isa>(ws.kbuf, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
+    block_logits<Isa>(ws.kbuf, nb, D, job.qt + bh * D * job.ldr, job.ldr, st);
   }
   // Soft-capped when asked (the rows r < R: the padding rows are never read).
   if (job.softcap > 0.f) cpu::softcap_block(st, nb, job.ldr, job.R, job.softcap);

@@ -127,8 +127,10 @@ class SnapKVCache(LayerMajorCache):
         (Llama/SmolLM2, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3,
         Phi-3, Granite, OLMo 2). Its attention modules get an inert forward pre-hook (once).
     max_capacity_prompt, window_size, kernel_size, pooling, group_reduce, compression_ratio,
-    recompress, use_reference, decode_reserve, policy :
-        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. A ``policy`` other than
+    recompress, use_reference, decode_reserve, policy, scorer :
+        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. ``scorer`` says how
+        entries are scored (:mod:`snapkv_ext.scorers`: ``snapkv``, ``streamingllm``, ``keynorm``,
+        ``tova``, ``vatp`` or one's own). A ``policy`` other than
         ``"snapkv"`` (:mod:`snapkv_ext.policies`) routes the model's attention through
         :mod:`snapkv_ext.routing` (the model's own attention for everything but this cache's layers).
     """
@@ -136,12 +138,13 @@ class SnapKVCache(LayerMajorCache):
     def __init__(self, model, max_capacity_prompt: Optional[int] = None, window_size: int = 32,
                  kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
                  compression_ratio: Optional[float] = None, group_reduce: str = "mean", recompress: bool = True,
-                 use_reference: bool = False, decode_reserve: int = 128, policy="snapkv"):
+                 use_reference: bool = False, decode_reserve: int = 128, policy="snapkv", scorer="snapkv"):
         if config is None:
             config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size,
                                   kernel_size=kernel_size, pooling=pooling, group_reduce=group_reduce,
                                   compression_ratio=compression_ratio, recompress=recompress,
-                                  use_reference=use_reference, decode_reserve=decode_reserve, policy=policy)
+                                  use_reference=use_reference, decode_reserve=decode_reserve, policy=policy,
+                                  scorer=scorer)
         elif not isinstance(config, SnapKVConfig):
             raise ValueError(f"config must be a SnapKVConfig, got {type(config).__name__}")
         self.config = config
@@ -224,6 +227,7 @@ class SnapKVCache(LayerMajorCache):
             "sliding": [lay.is_sliding for lay in self.layers],
             "kept_entries": [lay.kept_entries() for lay in self.layers],
             "policy": getattr(self.config.policy, "name", type(self.config.policy).__name__),
+            "scorer": getattr(self.config.scorer, "name", type(self.config.scorer).__name__),
             "kv_bytes": kv_bytes,
             "allocated_bytes": sum(lay.allocated_bytes() for lay in layers),
             "full_kv_bytes": full_bytes,

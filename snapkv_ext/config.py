@@ -35,6 +35,12 @@ class SnapKVConfig:
     ``policy``: how the budget is spread over layers and KV heads, a name in
     :data:`snapkv_ext.policies.POLICIES` (``snapkv``, the default: uniform; ``pyramidkv``;
     ``adakv``; ``ada-pyramidkv``) or a policy object (:mod:`snapkv_ext.policies`); stored resolved.
+
+    ``scorer``: how each prompt entry is scored for the selection, a name in
+    :data:`snapkv_ext.scorers.SCORERS` (``snapkv``, the default: the window's votes, pooled;
+    ``streamingllm``; ``keynorm``; ``tova``; ``vatp``) or a scorer object
+    (:mod:`snapkv_ext.scorers`); stored resolved. ``kernel_size``, ``pooling`` and
+    ``group_reduce`` are the ``snapkv`` scorer's.
     """
 
     max_capacity_prompt: Optional[int] = None
@@ -47,6 +53,7 @@ class SnapKVConfig:
     use_reference: bool = False
     decode_reserve: int = 128
     policy: Any = "snapkv"
+    scorer: Any = "snapkv"
 
     def __post_init__(self):
         def bad(msg):
@@ -77,21 +84,26 @@ class SnapKVConfig:
         if not isinstance(self.decode_reserve, int) or self.decode_reserve < 0:
             bad(f"decode_reserve must be a non-negative integer, got {self.decode_reserve!r}")
         from .policies import resolve
+        from .scorers import resolve as resolve_scorer
 
         try:
             object.__setattr__(self, "policy", resolve(self.policy))
+            object.__setattr__(self, "scorer", resolve_scorer(self.scorer))
         except ValueError as e:
             bad(str(e))
 
     def to_dict(self) -> dict:
-        """The settings as plain (JSON-able) data: a built-in policy as ``{"name": ..., **params}``
-        (:func:`snapkv_ext.policies.describe`), a policy of one's own as its ``repr``."""
+        """The settings as plain (JSON-able) data: a built-in policy or scorer as
+        ``{"name": ..., **params}`` (:func:`snapkv_ext.policies.describe`,
+        :func:`snapkv_ext.scorers.describe`), one of one's own as its ``repr``."""
         from dataclasses import asdict
 
+        from . import scorers
         from .policies import POLICIES, describe
 
-        p = self.policy
-        return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p))
+        p, s = self.policy, self.scorer
+        return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p),
+                    scorer=scorers.describe(s) if type(s) in scorers.SCORERS.values() else repr(s))
 
     def max_capacity_prompt_for(self, prompt_length: int) -> int:
         """Kept entries per KV head for a prompt of ``prompt_length`` tokens (window included)."""

@@ -163,9 +163,9 @@ class SnapKVDocument:
     model : a supported causal LM (see SnapKVCache)
     input_ids : Tensor [1, L] or [L]
         The document's token ids (one document; questions are batched in :meth:`generate`).
-    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy :
+    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy, scorer :
         SnapKV settings applied to document + question (see :class:`SnapKVConfig`); :meth:`save`
-        keeps a built-in policy, not one of one's own.
+        keeps a built-in policy and scorer, not one of one's own.
     max_question_tokens : int
         Longest question accepted (default 2048).
     chunk_size : int, optional
@@ -179,10 +179,11 @@ class SnapKVDocument:
     def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
-                 decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv"):
+                 decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv", scorer="snapkv"):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
-                                   group_reduce=group_reduce, decode_reserve=decode_reserve, policy=policy)
+                                   group_reduce=group_reduce, decode_reserve=decode_reserve, policy=policy,
+                                   scorer=scorer)
         if not isinstance(max_question_tokens, int) or max_question_tokens < 1:
             raise ValueError(f"max_question_tokens must be a positive integer, got {max_question_tokens!r}")
         ids = self._as_ids(input_ids, "input_ids")
@@ -224,9 +225,12 @@ class SnapKVDocument:
     def save(self, path: str) -> None:
         """Write the document to ``path`` (one ``torch.save`` file: its ids, every layer's stored KV
         and last queries, the settings, the model's fingerprint); :meth:`load` reads it back."""
+        from . import scorers
         from .policies import describe
 
-        config = dict(self.config.to_dict(), policy=describe(self.config.policy))  # a custom policy: refused
+        # a policy or scorer of one's own: refused
+        config = dict(self.config.to_dict(), policy=describe(self.config.policy),
+                      scorer=scorers.describe(self.config.scorer))
         torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model), config=config, max_question_tokens=self.max_question_tokens,
                         input_ids=self.input_ids.cpu(), keys=[k.cpu() for k in self.keys],
                         values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)

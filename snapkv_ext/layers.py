@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops, policies, reference, routing
+from . import ops, policies, reference, routing, scorers
 from .adapters import AttentionLayer
 from .config import SnapKVConfig
 
@@ -179,10 +179,20 @@ class SnapKVLayer(_ReindexableLayer):
         self._views()
         self.compressions += 1
 
+    def _scores(self, pending: PendingSelection, keys: Tensor, values: Tensor, pad: Optional[Tensor]) -> Tensor:
+        """The configured scorer's ``[B, H_kv, L - w]`` scores of (keys, values) with this
+        attention's own logit transform (``pad``: left padding clamped to ``L - w``, or None)."""
+        cfg, att = self.config, self.attention
+        q = pending.q_window.to(keys.dtype)
+        B, H, L = keys.shape[:3]
+        inp = scorers.ScoreInput(keys, values, q, pad, att.scale, att.softcap, cfg)
+        return scorers.check_scores(cfg.scorer, cfg.scorer.score(inp), (B, H, L - q.shape[2]))
+
     def _compress_into(self, pending: PendingSelection, keys: Tensor, values: Tensor, keys_out: Tensor,
                        values_out: Tensor) -> Tensor:
-        """SnapKV over (keys, values) with this attention's own logit transform, written into the
-        outputs; -> the kept indices [B, H_kv, C]."""
+        """The selection over (keys, values) (the scorer's best ``max_capacity_prompt - w`` prefix
+        entries of each head, then the window), written into the outputs; -> the kept indices
+        [B, H_kv, C]. SnapKV's own scorer runs fused (scores, pooling, top-k and gather in one op)."""
         cfg, att = self.config, self.attention
         L, w = keys.shape[2], pending.q_window.shape[2]
         pad = pending.pad_lengths
@@ -191,9 +201,26 @@ class SnapKVLayer(_ReindexableLayer):
             pad = pad.clamp(max=L - w)
             if not bool((pad > 0).any()):
                 pad = None
-        fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
-        return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity_prompt, keys_out, values_out,
-                  cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, scale=att.scale, softcap=att.softcap)
+        if type(cfg.scorer) is scorers.SnapKV:
+            fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
+            return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity_prompt, keys_out,
+                      values_out, cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, scale=att.scale,
+                      softcap=att.softcap)
+        B, H = keys.shape[:2]
+        s = self._scores(pending, keys, values, pad).float()
+        if pad is not None:  # left padding ranks after every real entry
+            j = torch.arange(L - w, device=s.device)
+            s = s.masked_fill((j[None, :] < pad.to(s.device)[:, None])[:, None, :], float("-inf"))
+        if cfg.use_reference:
+            idx = reference.select_topk(s, pending.max_capacity_prompt - w)
+            k_out, v_out = reference.compact(keys, values, idx, w)
+            keys_out.copy_(k_out)
+            values_out.copy_(v_out)
+        else:
+            idx = ops.select_topk(s, pending.max_capacity_prompt - w)
+            ops.compact_into(keys, values, idx, w, keys_out, values_out)
+        win = torch.arange(L - w, L, device=keys.device).expand(B, H, w)
+        return torch.cat([idx, win], dim=2)
 
     def _map_buffers(self, fn) -> None:
         """Apply fn (a batch reindexing) to the key, value and position buffers."""
@@ -413,13 +440,6 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def _store_kept(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, keep: Tensor) -> None:
         self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.decode_reserve)
 
-    def _scores(self, pending: PendingSelection, keys: Tensor, pad: Optional[Tensor]) -> Tensor:
-        cfg, att = self.config, self.attention
-        mod = reference if cfg.use_reference else ops
-        s = mod.window_scores(pending.q_window.to(keys.dtype), keys, pad, cfg.group_reduce, scale=att.scale,
-                              softcap=att.softcap)
-        return mod.pool_scores(s, cfg.kernel_size, cfg.pooling, pad)
-
     def _keep(self, scores: Tensor, pad: Optional[Tensor], pending: PendingSelection) -> Tensor:
         B, H, P = scores.shape
         cfg, w = self.config, pending.q_window.shape[2]
@@ -432,7 +452,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
         L, w = k_all.shape[2], pending.q_window.shape[2]
         pad = pending.pad_lengths
         clamped = None if pad is None or not bool((pad > 0).any()) else pad.clamp(max=L - w)
-        keep = self._keep(self._scores(pending, k_all, clamped), pad, pending)
+        keep = self._keep(self._scores(pending, k_all, v_all, clamped), pad, pending)
         self._store_kept(k_all, v_all, pos_all, keep)
         self.compressions += 1
 
@@ -454,7 +474,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
         w = q.shape[2]
         q = q.reshape(B, H, q.shape[1] // H, w, q.shape[3]).reshape(B * H, q.shape[1] // H, w, q.shape[3])
         pad = n_max - lengths  # every segment holds the new turn's tokens, more than the window
-        scores = self._scores(PendingSelection(q, pad, pending.max_capacity_prompt), kd, pad)
+        scores = self._scores(PendingSelection(q, pad, pending.max_capacity_prompt), kd, vd, pad)
         keep = self._keep(scores.view(B, H, -1), pad.view(B, H), pending)
         self._store_kept(kd.view(B, H, n_max, D), vd.view(B, H, n_max, D), pd.view(B, H, n_max), keep)
         self.compressions += 1
