@@ -1,6 +1,7 @@
 """Needle retrieval per selection policy and budget, and the sweep the defaults are chosen from.
 
     python benchmarks/bench_needle_policies.py --out benchmarks/results/needle_policies
+    python benchmarks/bench_needle_policies.py --scorers all --kernel-size 13 --out benchmarks/results/needle_scorers
 
 SmolLM2 (embedded), prompts of 1K-4K tokens, the pass key at 5 depths: the full cache, then every
 policy at 25%, 10% and 5% of the prompt (window 16, the library's pooling defaults), then the sweep
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from snapkv_ext.policies import POLICIES, AdaKV  # noqa: E402
+from snapkv_ext.scorers import SCORERS  # noqa: E402
 from snapkv_ext.tools.evaluate import Method, needle_eval, plot_needle  # noqa: E402
 from snapkv_ext.tools.models import load_model  # noqa: E402
 
@@ -56,10 +58,15 @@ def main():
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--kernels", type=int, nargs="*", default=None,
                    help="only these pooling kernels (snapkv and adakv): the sweep's extension")
+    p.add_argument("--scorers", nargs="+", default=None, metavar="SCORER",
+                   help=f"the scorer table instead: these scorers ({', '.join(SCORERS)} or all) x every policy x "
+                        "--ratios, beside the full cache")
     p.add_argument("--out", default="needle-policies")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     model, tok = load_model()
+    if args.scorers:
+        return scorer_table(model, tok, args)
     if args.kernels:
         ms = [Method.full()] + [
             Method(f"{p}-{r * 100:g}%-k{k}", compression_ratio=r, policy=p, window_size=args.window_size, kernel_size=k)
@@ -105,6 +112,38 @@ def main():
             for r in args.sweep_ratios:
                 row.append(f"{res['summary'][name.replace(first, f'{r * 100:g}%')]}/{n}")
             lines.append("| " + " | ".join(row) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"\n{res['minutes']:.1f} min; load average {res['load'][0]:.2f} before, {res['load'][1]:.2f} after")
+
+
+def scorer_table(model, tok, args):
+    """Every scorer x policy x ratio beside the full cache: needle.json, a heatmap per method, table.md."""
+    names = list(SCORERS) if args.scorers == ["all"] else args.scorers
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise SystemExit(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)} or all")
+    base = dict(window_size=args.window_size, kernel_size=args.kernel_size)
+    ms = [Method.full()] + [Method(f"{s}+{p}-{r * 100:g}%", compression_ratio=r, policy=p, scorer=s, **base)
+                            for s in names for p in POLICIES for r in args.ratios]
+    t0, load0 = time.time(), os.getloadavg()[0]
+    res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)
+    res.update(date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv, torch=torch.__version__,
+               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", minutes=(time.time() - t0) / 60,
+               load=[load0, os.getloadavg()[0]])
+    with open(os.path.join(args.out, "needle.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot_needle(res, os.path.join(args.out, "needle"))
+    n = res["cases"]
+    lines = ["| scorer | policy | " + " | ".join(f"{r * 100:g}%" for r in args.ratios) + " |",
+             "|---|---|" + "---|" * len(args.ratios),
+             f"| full cache | | {res['summary']['full']}/{n} |" + " |" * (len(args.ratios) - 1)]
+    for s in names:
+        for p in POLICIES:
+            lines.append(f"| {s} | {p} | " + " | ".join(f"{res['summary'][f'{s}+{p}-{r * 100:g}%']}/{n}"
+                                                       for r in args.ratios) + " |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -127,8 +127,9 @@ class SnapKVCache(LayerMajorCache):
         (Llama/SmolLM2, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3,
         Phi-3, Granite, OLMo 2). Its attention modules get an inert forward pre-hook (once).
     max_capacity_prompt, window_size, kernel_size, pooling, group_reduce, compression_ratio,
-    recompress, use_reference, decode_reserve, policy, scorer :
-        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. ``scorer`` says how
+    recompress, use_reference, decode_reserve, policy, scorer, max_capacity_decode, decode_interval :
+        See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. ``max_capacity_decode``
+        bounds each layer while generating (re-selected every ``decode_interval`` tokens). ``scorer`` says how
         entries are scored (:mod:`snapkv_ext.scorers`: ``snapkv``, ``streamingllm``, ``keynorm``,
         ``tova``, ``vatp`` or one's own). A ``policy`` other than
         ``"snapkv"`` (:mod:`snapkv_ext.policies`) routes the model's attention through
@@ -138,13 +139,15 @@ class SnapKVCache(LayerMajorCache):
     def __init__(self, model, max_capacity_prompt: Optional[int] = None, window_size: int = 32,
                  kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
                  compression_ratio: Optional[float] = None, group_reduce: str = "mean", recompress: bool = True,
-                 use_reference: bool = False, decode_reserve: int = 128, policy="snapkv", scorer="snapkv"):
+                 use_reference: bool = False, decode_reserve: int = 128, policy="snapkv", scorer="snapkv",
+                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64):
         if config is None:
             config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size,
                                   kernel_size=kernel_size, pooling=pooling, group_reduce=group_reduce,
                                   compression_ratio=compression_ratio, recompress=recompress,
                                   use_reference=use_reference, decode_reserve=decode_reserve, policy=policy,
-                                  scorer=scorer)
+                                  scorer=scorer, max_capacity_decode=max_capacity_decode,
+                                  decode_interval=decode_interval)
         elif not isinstance(config, SnapKVConfig):
             raise ValueError(f"config must be a SnapKVConfig, got {type(config).__name__}")
         self.config = config
@@ -164,6 +167,14 @@ class SnapKVCache(LayerMajorCache):
         if self._routed:
             routing.route(model)
         self._global = [a.layer_idx for a in attention if a.sliding_window is None]
+        if config.max_capacity_decode is not None:  # the policy's decode budgets: refused now, not mid-generation
+            from .policies import check_capacities
+
+            p, w, n = config.policy, config.window_size, len(self._global)
+            try:
+                check_capacities(p, p.layer_capacities(config.max_capacity_decode, w, n), config.max_capacity_decode, w, n)
+            except ValueError as e:
+                raise ValueError(f"max_capacity_decode: {e}") from None
         layers = [self._new_layer(a) for a in attention]
         self.memory.layers = layers
         super().__init__(layers=layers)
@@ -198,6 +209,10 @@ class SnapKVCache(LayerMajorCache):
         n = hidden_states.shape[1]
         max_capacity_prompt = layer.selects(n)
         if not max_capacity_prompt:
+            if layer.wants_queries(n) and position_embeddings is not None:  # a decode budget's next window
+                with torch.no_grad():
+                    layer.remember_queries(attention.window_queries(hidden_states, position_embeddings,
+                                                                    min(n, self.config.window_size)))
             return
         if position_embeddings is None:
             raise ValueError(f"SnapKVCache: {type(module).__name__} was called without position_embeddings")

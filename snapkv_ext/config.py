@@ -41,6 +41,12 @@ class SnapKVConfig:
     ``streamingllm``; ``keynorm``; ``tova``; ``vatp``) or a scorer object
     (:mod:`snapkv_ext.scorers`); stored resolved. ``kernel_size``, ``pooling`` and
     ``group_reduce`` are the ``snapkv`` scorer's.
+
+    ``max_capacity_decode``: keep every global layer within this many entries per KV head while
+    generating (None, the default: the cache grows by one entry per generated token). When a
+    layer holds more than ``max_capacity_decode + decode_interval`` entries, it re-selects down to
+    ``max_capacity_decode`` (spread over layers and heads by the policy) with the scorer and the
+    last ``window_size`` tokens' queries (generated ones), and frees the rest.
     """
 
     max_capacity_prompt: Optional[int] = None
@@ -54,6 +60,8 @@ class SnapKVConfig:
     decode_reserve: int = 128
     policy: Any = "snapkv"
     scorer: Any = "snapkv"
+    max_capacity_decode: Optional[int] = None
+    decode_interval: int = 64
 
     def __post_init__(self):
         def bad(msg):
@@ -83,6 +91,13 @@ class SnapKVConfig:
             bad(f"group_reduce must be one of {GROUP_REDUCES}, got {self.group_reduce!r}")
         if not isinstance(self.decode_reserve, int) or self.decode_reserve < 0:
             bad(f"decode_reserve must be a non-negative integer, got {self.decode_reserve!r}")
+        if self.max_capacity_decode is not None and (
+                not isinstance(self.max_capacity_decode, int) or isinstance(self.max_capacity_decode, bool)
+                or self.max_capacity_decode <= self.window_size):
+            bad(f"max_capacity_decode must be None or an integer larger than window_size ({self.window_size}), "
+                f"got {self.max_capacity_decode!r}")
+        if not isinstance(self.decode_interval, int) or isinstance(self.decode_interval, bool) or self.decode_interval < 1:
+            bad(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
         from .policies import resolve
         from .scorers import resolve as resolve_scorer
 
@@ -104,6 +119,13 @@ class SnapKVConfig:
         p, s = self.policy, self.scorer
         return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p),
                     scorer=scorers.describe(s) if type(s) in scorers.SCORERS.values() else repr(s))
+
+    @property
+    def reserve(self) -> int:
+        """Free entries allocated after a selection: ``decode_reserve``, and with a decode budget at
+        least ``decode_interval`` (the entries decoded before the next re-selection)."""
+        return self.decode_reserve if self.max_capacity_decode is None else max(self.decode_reserve,
+                                                                                self.decode_interval)
 
     def max_capacity_prompt_for(self, prompt_length: int) -> int:
         """Kept entries per KV head for a prompt of ``prompt_length`` tokens (window included)."""

@@ -163,7 +163,8 @@ class SnapKVDocument:
     model : a supported causal LM (see SnapKVCache)
     input_ids : Tensor [1, L] or [L]
         The document's token ids (one document; questions are batched in :meth:`generate`).
-    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy, scorer :
+    max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy, scorer,
+    max_capacity_decode, decode_interval :
         SnapKV settings applied to document + question (see :class:`SnapKVConfig`); :meth:`save`
         keeps a built-in policy and scorer, not one of one's own.
     max_question_tokens : int
@@ -179,11 +180,13 @@ class SnapKVDocument:
     def __init__(self, model, input_ids: Tensor, *, max_capacity_prompt: Optional[int] = None,
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
-                 decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv", scorer="snapkv"):
+                 decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv", scorer="snapkv",
+                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
                                    group_reduce=group_reduce, decode_reserve=decode_reserve, policy=policy,
-                                   scorer=scorer)
+                                   scorer=scorer, max_capacity_decode=max_capacity_decode,
+                                   decode_interval=decode_interval)
         if not isinstance(max_question_tokens, int) or max_question_tokens < 1:
             raise ValueError(f"max_question_tokens must be a positive integer, got {max_question_tokens!r}")
         ids = self._as_ids(input_ids, "input_ids")

@@ -97,6 +97,7 @@ class SnapKVLayer(_ReindexableLayer):
         self.positions: Optional[Tensor] = None
         self._kbuf = self._vbuf = self._pbuf = None
         self._pending: Optional[PendingSelection] = None
+        self._recent_q: Optional[Tensor] = None  # the last window_size queries seen (a decode budget's window)
         # Layer-major chunked prefill (snapkv_ext.prefill): the whole prompt's length while its
         # chunks arrive; the layer holds them all, and selects when the last one is in.
         self.prompt_length: Optional[int] = None
@@ -116,10 +117,43 @@ class SnapKVLayer(_ReindexableLayer):
         if self.visible_length() == 0:
             cap = self.capacity_for(n)
             return cap if n > cap else 0
-        if n == 1 or not cfg.recompress or n <= cfg.window_size:
-            return 0
-        cap = self.capacity_for(self.logical + n)
-        return cap if self.visible_length() + n > cap else 0
+        if n > 1 and cfg.recompress and n > cfg.window_size:
+            cap = self.capacity_for(self.logical + n)
+            if self.visible_length() + n > cap:
+                return cap
+        if cfg.max_capacity_decode is not None:
+            cap = self.decode_capacity()
+            if self.held_per_head() + n > cap + cfg.decode_interval:
+                return cap
+        return 0
+
+    def held_per_head(self) -> int:
+        """Entries a KV head holds, on average over a row's heads (the most of any row): what a decode
+        budget bounds (here every head holds the same)."""
+        return self.visible_length()
+
+    def decode_capacity(self) -> int:
+        """Kept entries per KV head (on average over the heads) of this layer while generating:
+        the policy's share of ``max_capacity_decode``."""
+        cfg = self.config
+        caps = cfg.policy.layer_capacities(cfg.max_capacity_decode, cfg.window_size, self.num_global)
+        caps = policies.check_capacities(cfg.policy, caps, cfg.max_capacity_decode, cfg.window_size, self.num_global)
+        return caps[self.rank]
+
+    def wants_queries(self, n: int) -> bool:
+        """Whether the hook should hand this forward's queries (:meth:`remember_queries`): with a decode
+        budget, in the last ``window_size`` tokens before a re-selection (they are its window)."""
+        cfg = self.config
+        return (cfg.max_capacity_decode is not None and self.visible_length() > 0
+                and self.held_per_head() + n > self.decode_capacity() + cfg.decode_interval - cfg.window_size)
+
+    def remember_queries(self, q: Tensor) -> None:
+        """Keep the last ``window_size`` post-RoPE queries ``[B, H_q, *, D]`` seen (a decode budget's window)."""
+        w = self.config.window_size
+        q = q.detach()
+        if self._recent_q is not None and self._recent_q.shape[0] == q.shape[0]:
+            q = torch.cat([self._recent_q.to(q.device), q], dim=2)
+        self._recent_q = q[:, :, max(0, q.shape[2] - w):]
 
     def capacity_for(self, prompt_length: int) -> int:
         """Kept entries per KV head (on average over the heads) of this layer for a prompt of
@@ -130,11 +164,18 @@ class SnapKVLayer(_ReindexableLayer):
         return policies.check_capacities(cfg.policy, caps, cap, cfg.window_size, self.num_global)[self.rank]
 
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
-        """Queries ``[B, H_q, w, D]`` of the window that will select."""
-        return self.attention.window_queries(hidden_states, position_embeddings, self.config.window_size)
+        """Queries ``[B, H_q, w, D]`` of the window that will select: the last ``window_size`` tokens',
+        with a forward shorter than the window (a decode step) completed by the queries remembered
+        before it (:meth:`remember_queries`; fewer when fewer were seen)."""
+        w, n = self.config.window_size, hidden_states.shape[1]
+        if n >= w or self._recent_q is None or self.visible_length() == 0:
+            return self.attention.window_queries(hidden_states, position_embeddings, min(w, n))
+        self.remember_queries(self.attention.window_queries(hidden_states, position_embeddings, n))
+        return self._recent_q
 
     def expect_selection(self, pending: PendingSelection) -> None:
         self._pending = pending
+        self._recent_q = pending.q_window.detach()  # the next re-selection's window starts from it
 
     def visible_length(self) -> int:
         """Entries the next forward attends to before its own tokens."""
@@ -172,7 +213,7 @@ class SnapKVLayer(_ReindexableLayer):
         """Make SnapKV's selection from (k_all, v_all) the whole content: compressed straight into
         the new buffers (no temporary of the compressed size), with room for decode_reserve more."""
         n = min(k_all.shape[2], pending.max_capacity_prompt)
-        self._allocate(k_all, n + self.config.decode_reserve)
+        self._allocate(k_all, n + self.config.reserve)
         kept = self._compress_into(pending, k_all, v_all, self._kbuf[:, :, :n], self._vbuf[:, :, :n])
         self._pbuf[:, :, :n].copy_(pos_all.gather(2, kept))
         self.physical = n
@@ -223,7 +264,9 @@ class SnapKVLayer(_ReindexableLayer):
         return torch.cat([idx, win], dim=2)
 
     def _map_buffers(self, fn) -> None:
-        """Apply fn (a batch reindexing) to the key, value and position buffers."""
+        """Apply fn (a batch reindexing) to the key, value and position buffers (and remembered queries)."""
+        if self._recent_q is not None:
+            self._recent_q = fn(self._recent_q)
         if self.physical > 0:
             self._kbuf, self._vbuf, self._pbuf = fn(self._kbuf), fn(self._vbuf), fn(self._pbuf)
             self._views()
@@ -342,6 +385,7 @@ class SnapKVLayer(_ReindexableLayer):
         self.physical = self.logical = 0
         self.positions = self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
         self._pending = None
+        self._recent_q = None
         self.prompt_length = None
         self.is_initialized = False
         self.compressions = 0
@@ -414,6 +458,12 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def visible_length(self) -> int:
         return int(self._lengths.max()) if self.ragged else self.physical
 
+    def held_per_head(self) -> int:
+        if not self.ragged:
+            return self.physical
+        H = self._lengths.shape[1]
+        return -(-int(self._lengths.sum(1).max()) // H)  # a head may hold more than its layer's mean
+
     # -- the flat store
     @staticmethod
     def _rows(starts: Tensor, lengths: Tensor) -> Tensor:
@@ -438,7 +488,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
         self._shape = (lengths.shape[0], lengths.shape[1], D, k.element_size())
 
     def _store_kept(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, keep: Tensor) -> None:
-        self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.decode_reserve)
+        self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.reserve)
 
     def _keep(self, scores: Tensor, pad: Optional[Tensor], pending: PendingSelection) -> Tensor:
         B, H, P = scores.shape
@@ -512,6 +562,8 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def _map_buffers(self, fn) -> None:
         if not self.ragged:
             return super()._map_buffers(fn)
+        if self._recent_q is not None:
+            self._recent_q = fn(self._recent_q)
         starts, lengths = fn(self._starts), fn(self._lengths)
         rows = self._rows(starts, lengths)
         self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], lengths, self.config.decode_reserve)

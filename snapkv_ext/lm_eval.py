@@ -23,7 +23,7 @@ Model args (``--model_args k=v,...``), beside HFLM's own (``dtype``, ``device``,
   ``smollm2`` (the default: the embedded SmolLM2-135M-Instruct GGUF). Nothing is downloaded.
 - The cache settings, by :class:`~snapkv_ext.SnapKVConfig`'s names: ``max_capacity_prompt`` or
   ``compression_ratio``, ``window_size``, ``kernel_size``, ``pooling``, ``group_reduce``,
-  ``recompress``, ``use_reference``, ``decode_reserve``.
+  ``recompress``, ``use_reference``, ``decode_reserve``, ``policy``, ``scorer``.
 - ``full_cache=true``: Transformers' own full cache instead (the uncompressed baseline).
 - ``likelihood``: ``refuse`` (default) or ``full``. Likelihood requests (``loglikelihood``,
   ``loglikelihood_rolling``: multiple-choice and perplexity tasks) are scored by lm-eval in one
@@ -268,13 +268,16 @@ class SnapKVLM(HFLM):
     # -- settings
     @property
     def setting_name(self) -> str:
-        """``full``, or the policy and the budget: ``snapkv-25%``, ``adakv-1024``."""
+        """``full``, or the policy and the budget: ``snapkv-25%``, ``adakv-1024``; with another scorer
+        than SnapKV's, it first: ``tova+snapkv-25%``."""
         c = self.snapkv_config
         if c is None:
             return "full"
+        scorer = getattr(c.scorer, "name", type(c.scorer).__name__)
+        name = c.policy.name if scorer == "snapkv" else f"{scorer}+{c.policy.name}"
         if c.compression_ratio is not None:
-            return f"{c.policy.name}-{c.compression_ratio * 100:g}%"
-        return f"{c.policy.name}-{c.max_capacity_prompt}"
+            return f"{name}-{c.compression_ratio * 100:g}%"
+        return f"{name}-{c.max_capacity_prompt}"
 
     def set_cache(self, config: Optional[SnapKVConfig]) -> None:
         """Switch the cache every later ``generate`` uses: a :class:`SnapKVConfig`, or None for the full cache."""

@@ -119,7 +119,7 @@ def prefill_memory(model, cache: SnapKVCache, batch: int, prompt_length: int,
     p = next(model.parameters())
     elem = torch.finfo(p.dtype).bits // 8 if p.dtype.is_floating_point else 4
     B, L, c = batch, prompt_length, min(chunk_size, prompt_length)
-    reserve = cache.config.decode_reserve
+    reserve = cache.config.reserve
     kept, full = [], []
     for layer, att in zip(cache.layers, cache._attention.values()):
         m = att.module

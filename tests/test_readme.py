@@ -152,6 +152,36 @@ def test_docs_policies_page(capsys):
     assert int(lengths.sum()) <= budget + 2 * 2 * 1, "within the layer's budget, plus the decoded token"
 
 
+def test_docs_scorers_page():
+    """docs/scorers.md as written, on a small random Llama: the built-in scorers by name and object,
+    then the scorer of one's own, each keeping what its definition says."""
+    import torch
+
+    from snapkv_ext.cache import cache_kwargs
+    from snapkv_ext.tools.models import tiny_model
+
+    blocks = python_blocks("docs/scorers.md")
+    assert len(blocks) == 2 and 'scorer="keynorm"' in blocks[0] and "class ValueNorm(Scorer)" in blocks[1]
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    for i, code in enumerate(blocks):
+        ns = {"model": model}
+        exec(compile(code, "docs/scorers.md", "exec"), ns)
+        for cache in [ns[k] for k in ("cache", "cache2") if k in ns]:
+            with torch.no_grad():
+                model(ids, **cache_kwargs(model, cache))
+            assert cache.layers[0].kept_entries() <= 64 * 2 and cache.stats()["compressions"] == [1, 1]
+    dc = ns["cache"]  # ValueNorm: the 32 largest value norms of each head, and the window
+    from transformers import DynamicCache
+
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, full))
+    norms = full.layers[0].values[0, 0, :168].norm(dim=-1)
+    want = sorted(norms.topk(32).indices.tolist()) + list(range(168, 200))
+    assert dc.kept_positions(0)[0, 0].tolist() == want
+
+
 def test_docs_pages_found():
     assert "docs/README.md" in PAGES and "docs/policies.md" in PAGES
     index = read("docs/README.md")

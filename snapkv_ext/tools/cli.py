@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from ..config import DEFAULT_KERNEL_SIZE
 from ..policies import POLICIES
+from ..scorers import SCORERS
 
 EXIT_USAGE = 2
 
@@ -63,11 +64,19 @@ def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional
     p.add_argument("--pooling", default="max", choices=["max", "avg"])
     p.add_argument("--policy", default="snapkv", choices=list(POLICIES),
                    help="how the budget is spread over layers and KV heads (default %(default)s)")
+    p.add_argument("--scorer", default="snapkv", choices=list(SCORERS),
+                   help="how prompt entries are ranked (docs/scorers.md; default %(default)s)")
+    p.add_argument("--max-capacity-decode", type=int, default=None,
+                   help="keep each layer within this many entries per KV head while generating (default: no bound)")
+    p.add_argument("--decode-interval", type=int, default=64,
+                   help="with --max-capacity-decode: re-select every this many generated tokens (default %(default)s)")
 
 
 def _policies_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="+", default=["snapkv"], choices=list(POLICIES), metavar="POLICY",
                    help=f"one run per selection policy and budget: {', '.join(POLICIES)} (default snapkv)")
+    p.add_argument("--scorers", nargs="+", default=["snapkv"], choices=list(SCORERS), metavar="SCORER",
+                   help=f"one run per scorer, policy and budget: {', '.join(SCORERS)} (default snapkv)")
 
 
 def _setup(args):
@@ -228,11 +237,13 @@ def _prepare(args, *packages: str):
 def _method(args):
     from .evaluate import Method
 
-    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling, policy=args.policy)
+    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling, policy=args.policy,
+              scorer=args.scorer, max_capacity_decode=args.max_capacity_decode, decode_interval=args.decode_interval)
+    name = args.policy if args.scorer == "snapkv" else f"{args.scorer}+{args.policy}"
     if args.compression_ratio is not None:
-        return Method(f"{args.policy}-{int(round(args.compression_ratio * 100))}%",
+        return Method(f"{name}-{int(round(args.compression_ratio * 100))}%",
                       compression_ratio=args.compression_ratio, **kw)
-    return Method(f"{args.policy}-{args.max_capacity_prompt}", max_capacity_prompt=args.max_capacity_prompt, **kw)
+    return Method(f"{name}-{args.max_capacity_prompt}", max_capacity_prompt=args.max_capacity_prompt, **kw)
 
 
 def _table(rows: List[List[str]]) -> str:
@@ -454,7 +465,7 @@ def cmd_bench(args) -> int:
     load = _MachineLoad()
     model, tok = _prepare(args, "matplotlib")
     methods = parse_methods(args.max_capacity_prompts, [], args.window_size, args.kernel_size, args.pooling,
-                            args.policies)
+                            args.policies, args.scorers)
     notes = _nothing_to_compress(methods, args.lengths, sweep=True)
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -480,7 +491,7 @@ def cmd_eval_needle(args) -> int:
     load = _MachineLoad()
     model, tok = _prepare(args, "matplotlib")
     methods = parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
-                            args.pooling, args.policies)
+                            args.pooling, args.policies, args.scorers)
     res = needle_eval(model, tok, args.lengths, args.depths, methods, seed=args.seed, progress=True)
     res.update(model=_model_name(args), notes=_nothing_to_compress(methods, res["prompt_tokens"], sweep=True),
                load=load.finish())
@@ -518,7 +529,7 @@ def cmd_eval_ruler(args) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"  # the offline tasks need nothing from the Hub; never download
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     settings = settings_from(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
-                             args.pooling, args.policies)
+                             args.pooling, args.policies, args.scorers)
     import datetime
     import platform
 
@@ -539,7 +550,7 @@ def cmd_eval_ruler(args) -> int:
         raise UserError(f"--model {args.model}: cannot load a causal language model ({first})")
     _check_context(lm.model, args)
     notes = _nothing_to_compress(parse_methods(args.max_capacity_prompts, args.compression_ratios, args.window_size,
-                                               args.kernel_size, args.pooling, args.policies), args.lengths, sweep=True)
+                                               args.kernel_size, args.pooling, args.policies, args.scorers), args.lengths, sweep=True)
     for note in notes:
         print(f"note: {note}", flush=True)
     res = ruler_eval(lm, args.tasks, args.lengths, settings, args.limit, seed=args.seed,

@@ -34,6 +34,9 @@ class Method:
     pooling: str = "max"
     policy: object = "snapkv"
     group_reduce: str = "mean"
+    scorer: object = "snapkv"
+    max_capacity_decode: Optional[int] = None
+    decode_interval: int = 64
 
     @staticmethod
     def full() -> "Method":
@@ -48,7 +51,8 @@ class Method:
         window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
         return SnapKVConfig(max_capacity_prompt=self.max_capacity_prompt, compression_ratio=self.compression_ratio,
                             window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling,
-                            policy=self.policy, group_reduce=self.group_reduce)
+                            policy=self.policy, group_reduce=self.group_reduce, scorer=self.scorer,
+                            max_capacity_decode=self.max_capacity_decode, decode_interval=self.decode_interval)
 
     def compresses(self, prompt_len: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens is compressed (the full cache never is; SnapKV
@@ -65,15 +69,19 @@ class Method:
 
 def parse_methods(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
                   window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max",
-                  policies: Sequence[str] = ("snapkv",)) -> List[Method]:
-    """The full cache, then per policy (named ``<policy>-<budget>``: ``snapkv-256``, ``adakv-10%``)
+                  policies: Sequence[str] = ("snapkv",), scorers: Sequence[str] = ("snapkv",)) -> List[Method]:
+    """The full cache, then per scorer and policy (named ``<policy>-<budget>`` for SnapKV's scorer:
+    ``snapkv-256``, ``adakv-10%``; ``<scorer>+<policy>-<budget>`` for another: ``tova+snapkv-256``)
     each budget."""
     kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling)
     methods = [Method.full()]
-    for p in policies:
-        methods += [Method(f"{p}-{c}", max_capacity_prompt=c, policy=p, **kw) for c in max_capacity_prompts]
-        methods += [Method(f"{p}-{int(round(r * 100))}%", compression_ratio=r, policy=p, **kw)
-                    for r in compression_ratios]
+    for s in scorers:
+        for p in policies:
+            name = p if s == "snapkv" else f"{s}+{p}"
+            methods += [Method(f"{name}-{c}", max_capacity_prompt=c, policy=p, scorer=s, **kw)
+                        for c in max_capacity_prompts]
+            methods += [Method(f"{name}-{int(round(r * 100))}%", compression_ratio=r, policy=p, scorer=s, **kw)
+                        for r in compression_ratios]
     return methods
 
 

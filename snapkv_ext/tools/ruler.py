@@ -31,14 +31,17 @@ Setting = Tuple[str, Optional[SnapKVConfig]]
 
 def settings_from(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
                   window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max",
-                  policies: Sequence[str] = ("snapkv",)) -> List[Setting]:
+                  policies: Sequence[str] = ("snapkv",), scorers: Sequence[str] = ("snapkv",)) -> List[Setting]:
     """``[("full", None), ("snapkv-50%", SnapKVConfig(...)), ("adakv-50%", ...), ...]``: the full
-    cache first, then per policy each budget."""
+    cache first, then per scorer and policy each budget (another scorer than SnapKV's named first:
+    ``tova+snapkv-50%``)."""
     out: List[Setting] = [("full", None)]
-    for p in policies:
-        kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling, policy=p)
-        out += [(f"{p}-{c}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
-        out += [(f"{p}-{r * 100:g}%", SnapKVConfig(compression_ratio=r, **kw)) for r in compression_ratios]
+    for s in scorers:
+        for p in policies:
+            kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling, policy=p, scorer=s)
+            name = p if s == "snapkv" else f"{s}+{p}"
+            out += [(f"{name}-{c}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
+            out += [(f"{name}-{r * 100:g}%", SnapKVConfig(compression_ratio=r, **kw)) for r in compression_ratios]
     return out
 
 
