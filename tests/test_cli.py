@@ -2,6 +2,7 @@
 pictures open with the expected size, bad arguments exit non-zero with one clear line."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,13 @@ def test_generate_file(tmp_path, capsys):
                               "--policy", "adakv"], capsys)
     assert code == 0, err
     assert "[adakv-96]" in out
+    code, out, err = run_cli(["generate", "--file", str(doc), "--question", "Who was the keeper?",
+                              "--max-capacity-prompt", "96", "--window-size", "16", "--max-new-tokens", "40",
+                              "--scorer", "tova", "--max-capacity-decode", "40", "--decode-interval", "8"], capsys)
+    assert code == 0, err
+    m = re.search(r"\[tova\+snapkv-96\].*tova\+snapkv-96: decode budget 40 \(\+8\): (\d+) entries per KV head held "
+                  r"after (\d+) tokens", out, re.S)
+    assert m and int(m.group(1)) <= 48, out
 
 
 def test_generate_layer_major(tmp_path, capsys):
@@ -261,6 +269,22 @@ def test_one_name_per_setting(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_every_setting_has_its_flag():
+    """The generate command has a flag for every SnapKVConfig field, under the field's own name
+    (--max-capacity-prompt for max_capacity_prompt), except the debugging and tuning ones listed."""
+    from dataclasses import fields
+
+    from snapkv_ext import SnapKVConfig
+    from snapkv_ext.tools.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    flags = {opt for a in sub.choices["generate"]._actions for opt in a.option_strings}
+    not_on_the_command_line = {"group_reduce", "recompress", "use_reference", "decode_reserve"}
+    for f in fields(SnapKVConfig):
+        if f.name not in not_on_the_command_line:
+            assert "--" + f.name.replace("_", "-") in flags, f"SnapKVConfig.{f.name} has no generate flag"
 
 
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):

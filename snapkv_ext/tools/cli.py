@@ -406,6 +406,11 @@ def cmd_generate(args) -> int:
     for m, r in results:
         print(f"[{m.name}] {r.text.strip()}\n")
     print(table)
+    for m, r in results:
+        if m.max_capacity_decode is not None and "held_per_head_end" in r.extra:
+            print(f"{m.name}: decode budget {m.max_capacity_decode} (+{m.decode_interval}): "
+                  f"{r.extra['held_per_head_end']} entries per KV head held after {len(r.tokens)} tokens, "
+                  f"KV {r.extra['kv_bytes_end'] / 2**20:.1f} MB")
     if args.max_memory:
         print(_memory_report(args.device, mem0, results))
     return 0

@@ -152,6 +152,13 @@ def _prefill_layer_major(model, ids, cache, chunk_size: int, progress: bool, lab
     return logits[:, None], dict(chunk_size=chunk_size, prefill_memory=parts)
 
 
+def held_per_head(cache: SnapKVCache) -> int:
+    """The most entries a global layer holds per KV head (a row's mean under a per-head policy)."""
+    from ..layers import SnapKVLayer
+
+    return max((lay.held_per_head() for lay in cache.layers if isinstance(lay, SnapKVLayer)), default=0)
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_tokens: int = 32,
              progress: bool = False, label: str = "", chunk_size: Optional[int] = None,
              allow_longer: bool = False, document=None) -> GenerationResult:
@@ -204,8 +211,9 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
 
             dbar = tqdm(total=max_new_tokens, desc=f"{label} decoding", unit="tok", leave=False)
             dbar.update(1)
+        bounded = isinstance(cache, SnapKVCache) and cache.config.max_capacity_decode is not None
         t1 = time.perf_counter()
-        for _ in range(max_new_tokens - 1):
+        for step in range(max_new_tokens - 1):
             if out[-1] in eos:
                 break
             logits = model(tok, **cache_kwargs(model, cache), use_cache=True).logits
@@ -213,11 +221,15 @@ def generate(model, tokenizer, input_ids: torch.Tensor, method: Method, max_new_
             out.append(int(tok))
             if dbar:
                 dbar.update(1)
+                if bounded and step % 16 == 0:  # a decode budget: the held entries as they go
+                    dbar.set_postfix_str(f"held {held_per_head(cache)}/head, KV {cache_bytes(cache) / 2**20:.1f} MB")
         _sync(device)
         decode_s = time.perf_counter() - t1
         if dbar:
             dbar.close()
     steps = len(out) - 1
+    if isinstance(cache, SnapKVCache):
+        extra = dict(extra, kv_bytes_end=cache_bytes(cache), held_per_head_end=held_per_head(cache))
     text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerationResult(text=text, tokens=out, prefill_s=prefill_s,
                             decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else float("nan"),
