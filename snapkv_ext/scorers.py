@@ -139,10 +139,11 @@ def _window_probs(inp: ScoreInput, last: int) -> Tensor:
     prefix (which every window query sees), with the attention's scale and soft-cap, in float32;
     the softmax runs over every key the query sees (prefix and the window up to itself)."""
     q = inp.q_window[:, :, -last:].float()
-    B, Hq, w = q.shape[0], q.shape[1], inp.q_window.shape[2]
+    B, Hq, w, D = q.shape[0], q.shape[1], inp.q_window.shape[2], q.shape[3]
     Hkv, L = inp.keys.shape[1], inp.keys.shape[2]
-    k = inp.keys.float().repeat_interleave(Hq // Hkv, 1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * inp.scale
+    # a GQA group's query heads as rows of their KV head (the keys are not repeated)
+    qg = q.reshape(B, Hkv, (Hq // Hkv) * last, D)
+    logits = torch.matmul(qg, inp.keys.float().transpose(-1, -2)).view(B, Hq, last, L) * inp.scale
     if inp.softcap:
         logits = inp.softcap * torch.tanh(logits / inp.softcap)
     i = torch.arange(L - last, L, device=q.device)[:, None]
