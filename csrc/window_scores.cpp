@@ -3,7 +3,8 @@
 //
 // For each (batch row, KV head) the R = G*w window queries of the group are scored against the
 // keys one block of kBlock keys at a time (a register-tiled fp32 micro-kernel writing the block's
-// logits transposed, [keys, rows], so that per-row statistics vectorise over rows):
+// logits transposed, [keys, rows], so that per-row statistics vectorise over rows; on the
+// portable path, whose tile has no FMA, the BLAS torch ships computes the block instead):
 //   pass 1: every row's softmax statistics (max, sum) over the keys it sees, merged per block;
 //   pass 2: for the prefix keys, sum exp(logit - max) / sum over each head's window, combine groups.
 // The per-head work is compiled once per CPU path (cpu_isa.h), with that path's register tile.
