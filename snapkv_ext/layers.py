@@ -175,7 +175,8 @@ class SnapKVLayer(_ReindexableLayer):
 
     def expect_selection(self, pending: PendingSelection) -> None:
         self._pending = pending
-        self._recent_q = pending.q_window.detach()  # the next re-selection's window starts from it
+        if self.config.max_capacity_decode is not None:  # the next re-selection's window starts from it
+            self._recent_q = pending.q_window.detach()
 
     def visible_length(self) -> int:
         """Entries the next forward attends to before its own tokens."""
