@@ -87,13 +87,7 @@ def main():
         print("\n".join(lines))
         return
     ms = methods(args.window_size, args.kernel_size, args.ratios, args.sweep_ratios, not args.no_sweep)
-    t0, load0 = time.time(), os.getloadavg()[0]
-    res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)
-    res.update(date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv, torch=torch.__version__,
-               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", minutes=(time.time() - t0) / 60,
-               load=[load0, os.getloadavg()[0]])
-    with open(os.path.join(args.out, "needle.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    res = evaluate_and_save(model, tok, args, ms)
     main_names = [m.name for m in ms[: 1 + len(POLICIES) * len(args.ratios)]]
     plot_needle(dict(res, retrieved={k: res["retrieved"][k] for k in main_names}), os.path.join(args.out, "needle"))
     n = res["cases"]
@@ -119,6 +113,19 @@ def main():
     print(f"\n{res['minutes']:.1f} min; load average {res['load'][0]:.2f} before, {res['load'][1]:.2f} after")
 
 
+def evaluate_and_save(model, tok, args, ms):
+    """needle_eval over ``ms`` (each prompt read once), with the run's date, machine, minutes and
+    load average, written to <out>/needle.json; -> the result."""
+    t0, load0 = time.time(), os.getloadavg()[0]
+    res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)
+    res.update(date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv, torch=torch.__version__,
+               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", minutes=(time.time() - t0) / 60,
+               load=[load0, os.getloadavg()[0]])
+    with open(os.path.join(args.out, "needle.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def scorer_table(model, tok, args):
     """Every scorer x policy x ratio beside the full cache: needle.json, a heatmap per method, table.md."""
     names = list(SCORERS) if args.scorers == ["all"] else args.scorers
@@ -128,13 +135,7 @@ def scorer_table(model, tok, args):
     base = dict(window_size=args.window_size, kernel_size=args.kernel_size)
     ms = [Method.full()] + [Method(f"{s}+{p}-{r * 100:g}%", compression_ratio=r, policy=p, scorer=s, **base)
                             for s in names for p in POLICIES for r in args.ratios]
-    t0, load0 = time.time(), os.getloadavg()[0]
-    res = needle_eval(model, tok, args.lengths, args.depths, ms, progress=True, read_once=True)
-    res.update(date=time.strftime("%Y-%m-%d %H:%M"), argv=sys.argv, torch=torch.__version__,
-               machine=f"{platform.machine()}, {os.cpu_count()} CPUs", minutes=(time.time() - t0) / 60,
-               load=[load0, os.getloadavg()[0]])
-    with open(os.path.join(args.out, "needle.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    res = evaluate_and_save(model, tok, args, ms)
     plot_needle(res, os.path.join(args.out, "needle"))
     n = res["cases"]
     lines = ["| scorer | policy | " + " | ".join(f"{r * 100:g}%" for r in args.ratios) + " |",
