@@ -49,7 +49,6 @@ lm-eval's own command line does not discover third-party model types, hence
 from __future__ import annotations
 
 import difflib
-import hashlib
 import inspect
 import logging
 import os
@@ -98,10 +97,6 @@ def accepted_args() -> List[str]:
 # ---------------------------------------------------------------- tokenizer folder for RULER
 
 
-def _cache_root() -> str:
-    return os.environ.get("SNAPKV_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "snapkv-ext")
-
-
 def resolve_pretrained(pretrained, gguf_file: Optional[str] = None):
     """(pretrained, gguf_file) with ``smollm2`` (or None) replaced by the embedded model's folder and file."""
     if pretrained is None or (isinstance(pretrained, str) and pretrained.lower() == EMBEDDED):
@@ -119,14 +114,9 @@ def tokenizer_dir_for(pretrained, gguf_file: Optional[str] = None) -> Optional[s
         return None
     if not gguf_file:
         return pretrained
-    path = os.path.abspath(os.path.join(pretrained, gguf_file))
-    try:
-        stamp = f"{os.path.getsize(path)}:{int(os.path.getmtime(path))}"
-    except OSError:
-        stamp = ""
-    key = hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:12]
-    name = os.path.splitext(os.path.basename(gguf_file))[0]
-    return os.path.join(_cache_root(), "tokenizers", f"{name}-{key}")
+    from .tools.models import cache_root, gguf_cache_name
+
+    return os.path.join(cache_root(), "tokenizers", gguf_cache_name(pretrained, gguf_file))
 
 
 def save_tokenizer(tokenizer, path: str) -> str:
@@ -242,7 +232,16 @@ class SnapKVLM(HFLM):
         kwargs.setdefault("attn_implementation", "sdpa")
         if not isinstance(pretrained, str):
             kwargs.pop("attn_implementation")
-        super().__init__(pretrained=pretrained, device=device, dtype=dtype, gguf_file=gguf_file, **kwargs)
+        load_from, load_gguf = pretrained, gguf_file
+        if gguf_file and isinstance(pretrained, str):
+            # Read the float32 copy of the GGUF model (made now if missing): 0.4 s instead of
+            # dequantizing the file again (the embedded model: 23 s). See tools.models.load_model.
+            from .tools.models import gguf_copy
+
+            load_from, load_gguf = gguf_copy(pretrained, gguf_file, dtype), gguf_file
+            if load_from != pretrained:
+                load_gguf = None
+        super().__init__(pretrained=load_from, device=device, dtype=dtype, gguf_file=load_gguf, **kwargs)
 
         from .cache import SnapKVCache
 

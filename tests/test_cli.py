@@ -239,14 +239,18 @@ def test_missing_optional_package(argv, missing, message, tmp_path, capsys, monk
     assert not (tmp_path / "out").exists()
 
 
-def test_model_loading_is_quiet(capsys, monkeypatch):
+def test_model_loading_is_quiet_and_converts_once(capsys, monkeypatch, tmp_path):
     """Loading the embedded GGUF shows none of Transformers' progress bars (the GGUF conversion,
-    "Loading weights"), and leaves them as they were for everything else."""
+    "Loading weights", writing the copy), and leaves them as they were for everything else. The
+    first load keeps a float32 copy; the next reads the copy, not the GGUF file, and gets the same
+    weights and tokenizer. SNAPKV_GGUF_COPY=0 reads the file again."""
+    import torch
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     from snapkv_ext.tools import models
 
+    monkeypatch.setenv("SNAPKV_CACHE_DIR", str(tmp_path))
     capsys.readouterr()
     before, enabled = gguf_utils.tqdm, hf_logging.is_progress_bar_enabled()
     model, tok = models.load_model()
@@ -254,9 +258,44 @@ def test_model_loading_is_quiet(capsys, monkeypatch):
     assert model.config.num_hidden_layers == 30 and tok.padding_side == "left"
     assert "GGUF" not in err and "Loading weights" not in err and "%|" not in err, err[-500:]
     assert gguf_utils.tqdm is before and hf_logging.is_progress_bar_enabled() == enabled
+    folder = models.gguf_copy_dir(models.smollm2_dir(), models.GGUF_FILE)
+    assert folder.startswith(str(tmp_path)) and os.path.isfile(os.path.join(folder, models.COPY_DONE))
+
+    def no_gguf(*a, **k):
+        raise AssertionError("the GGUF file was read although its copy exists")
+
+    with monkeypatch.context() as m:
+        m.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+        m.setitem(sys.modules, "gguf", None)
+        again, tok2 = models.load_model()
+    assert "%|" not in capsys.readouterr().err
+    want, got = model.state_dict(), again.state_dict()
+    assert list(want) == list(got) and all(torch.equal(want[k], got[k]) for k in want)
+    text = "The pass key is 87596. Remember it."
+    assert tok(text).input_ids == tok2(text).input_ids and tok2.padding_side == "left"
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()  # still tied
+    monkeypatch.setenv("SNAPKV_GGUF_COPY", "0")
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(ImportError, match=r"loading a GGUF file needs accelerate: pip install 'snapkv-ext\[cli\]'"):
         models.load_model()
+
+
+def test_gguf_copy_that_cannot_be_written_warns(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (here: a file where the folder should be) costs a
+    warning naming SNAPKV_CACHE_DIR, and leaves no partial copy."""
+    from snapkv_ext.tools import models
+
+    (tmp_path / "models").write_text("not a folder")
+    monkeypatch.setenv("SNAPKV_CACHE_DIR", str(tmp_path))
+    model = models.tiny_model("llama")
+
+    class Tok:
+        def save_pretrained(self, path):
+            raise AssertionError("unreachable: the folder could not be made")
+
+    with pytest.warns(UserWarning, match="SNAPKV_CACHE_DIR"):
+        models._save_gguf_copy(model, Tok(), str(tmp_path / "models" / "x"), "x.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -55,9 +55,9 @@ def _no_punkt_download() -> None:
         return
     except LookupError:
         pass
-    from ..lm_eval import _cache_root
+    from .models import cache_root
 
-    root = os.path.join(_cache_root(), "nltk_stub")
+    root = os.path.join(cache_root(), "nltk_stub")
     os.makedirs(os.path.join(root, "tokenizers", "punkt_tab"), exist_ok=True)
     if root not in nltk.data.path:
         nltk.data.path.insert(0, root)
