@@ -7,10 +7,11 @@ SmolLM2 (embedded), a haystack prompt, greedy generation of --new-tokens tokens 
 ignored), once per setting: the full cache (DynamicCache), then SnapKVCache with each decode budget
 (``max_capacity_decode``, re-selected every ``--interval`` tokens). Every ``--every`` tokens: the
 entries the most loaded layer holds per KV head, the KV bytes held, the process's resident memory
-and the time. Then the cost: the amortised decode step of each budget over the second half of its
-run (many re-selections), against DynamicCache's step at the same mean held length (a prompt of
-that length, ``--cost-tokens`` steps, alternating, median of ``--reps``). Plots held KV against
-generated tokens (held_kv.png).
+and the time. Then the cost (``--cost-only``: only that): the decode step of each budget over
+``--cost-tokens`` steps of whole re-selection periods (interval + 1 steps, one re-selection each),
+against DynamicCache and SnapKVCache without a decode budget started so that their mean held
+length over the same steps is the same; the three alternate in one process, ``--reps`` rounds,
+medians. Plots held KV against generated tokens (held_kv.png).
 """
 from __future__ import annotations
 
@@ -80,15 +81,66 @@ def run(model, ids, cache, n: int, every: int):
     return probe.rows, steps
 
 
-def step_ms(model, ids, cache_fn, n: int) -> float:
-    probe = Probe(None, 10 ** 9)
-    probe.cache = cache_fn()
+def window_ms(model, ids, cache, start: int, steps: int):
+    """Greedy generation with ``cache``; the decode steps ``start`` .. ``start + steps`` (those after
+    the prefill only): (mean ms per step, mean entries held per KV head in the most loaded layer,
+    re-selections of the layers in that window)."""
+    probe = Probe(cache, 10 ** 9)
+    marks = {}
+
+    class Window(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            i = len(probe.times)  # 1 after the prefill's logits, i + 1 after decode step i
+            if i - 1 in (start, start + steps) and isinstance(cache, SnapKVCache):
+                marks[i - 1] = sum(c for c in cache.stats()["compressions"])
+            if start <= i - 1 < start + steps:
+                marks.setdefault("held", []).append(held_per_head(cache))
+            return scores
+
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0, logits_processor=LogitsProcessorList([probe]),
-                       **cache_kwargs(model, probe.cache))
-    steps = [b - a for a, b in zip(probe.times, probe.times[1:])]
-    return 1000 * statistics.median(steps)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=start + steps + 2,
+                       min_new_tokens=start + steps + 2, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([Window(), probe]), **cache_kwargs(model, cache))
+    t = probe.times[start + 1: start + steps + 2]  # t[j + 1] - t[j]: decode step start + j
+    ms = 1000 * (t[-1] - t[0]) / steps
+    held = statistics.mean(marks["held"])
+    reselections = marks.get(start + steps, 0) - marks.get(start, 0)
+    return ms, held, reselections
+
+
+def cost(model, ids, budget: int, interval: int, steps: int, reps: int) -> dict:
+    """The decode step with a decode budget, amortised over whole re-selection periods, against
+    DynamicCache and SnapKVCache without a decode budget at the same mean held length, the three
+    alternating in one process (``reps`` rounds; medians)."""
+    warm = interval + 1  # from the first re-selection on: the periodic regime
+    period = interval + 1
+    steps = max(period, steps // period * period)  # whole periods: each holds one re-selection
+    mean_held = budget + interval / 2
+    # DynamicCache and the uncompressed-while-decoding SnapKVCache grow by one per step: start them
+    # so that their mean over the same window equals the budget's mean.
+    start_len = int(round(mean_held - steps / 2))
+    ref_ids = torch.cat([ids] * (start_len // ids.shape[1] + 1), 1)[:, :start_len]
+    make = {
+        "decode budget": lambda: (ids, SnapKVCache(model, max_capacity_prompt=budget, max_capacity_decode=budget,
+                                                   decode_interval=interval)),
+        "DynamicCache": lambda: (ref_ids, DynamicCache(config=model.config)),
+        "SnapKVCache, no decode budget": lambda: (ids, SnapKVCache(model, max_capacity_prompt=start_len)),
+    }
+    runs = {name: [] for name in make}
+    for _ in range(reps):
+        for name, fn in make.items():
+            prompt, cache = fn()
+            start = warm if name == "decode budget" else 0
+            runs[name].append(window_ms(model, prompt, cache, start, steps))
+    rec = dict(budget=budget, interval=interval, steps=steps, reps=reps)
+    for name, rs in runs.items():
+        rec[name] = dict(ms=statistics.median(r[0] for r in rs), all_ms=[r[0] for r in rs],
+                         mean_held=statistics.mean(r[1] for r in rs), reselections=rs[0][2])
+    base = rec["DynamicCache"]["ms"]
+    rec["ratio"] = rec["decode budget"]["ms"] / base
+    rec["ratio_no_budget"] = rec["SnapKVCache, no decode budget"]["ms"] / base
+    rec["per_round_ratio"] = [a[0] / b[0] for a, b in zip(runs["decode budget"], runs["DynamicCache"])]
+    return rec
 
 
 def main():
@@ -100,7 +152,8 @@ def main():
     p.add_argument("--max-capacity-prompt", type=int, default=1024)
     p.add_argument("--every", type=int, default=256)
     p.add_argument("--no-full", action="store_true", help="skip the full-cache run")
-    p.add_argument("--cost-tokens", type=int, default=64)
+    p.add_argument("--cost-only", action="store_true", help="only the cost comparison, not the long runs")
+    p.add_argument("--cost-tokens", type=int, default=260, help="decode steps timed per cost run (whole periods)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -114,6 +167,8 @@ def main():
                torch=torch.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                threads=torch.get_num_threads(), runs=[], cost=[])
     settings = ([] if args.no_full else [("full", None)]) + [(f"decode-{b}", b) for b in args.budgets]
+    if args.cost_only:
+        settings = []
     for name, budget in settings:
         cache = DynamicCache(config=model.config) if budget is None else SnapKVCache(
             model, max_capacity_prompt=args.max_capacity_prompt, max_capacity_decode=budget,
@@ -133,19 +188,17 @@ def main():
         print(f"{name:12s} {args.new_tokens} tokens: held {last['held']} per head at the end "
               f"(max {rec.get('max_held', last['held'])}), KV {last['kv_bytes'] / 2**20:.1f} MB, RSS "
               f"{last['rss'] / 2**30:.2f} GiB, {rec['mean_step_ms_second_half']:.1f} ms/token (second half)", flush=True)
-    # the cost: amortised step (second half, re-selections included) against DynamicCache at the same mean held length
-    for rec in out["runs"]:
-        if rec["budget"] is None:
-            continue
-        mean_held = rec["budget"] + args.interval // 2
-        ref_ids = torch.cat([ids] * (mean_held // ids.shape[1] + 1), 1)[:, :mean_held]
-        dyn = [step_ms(model, ref_ids, lambda: DynamicCache(config=model.config), args.cost_tokens)
-               for _ in range(args.reps)]
-        rec["dynamic_step_ms_at_mean_held"] = statistics.median(dyn)
-        rec["mean_held"] = mean_held
-        rec["ratio"] = rec["mean_step_ms_second_half"] / rec["dynamic_step_ms_at_mean_held"]
-        print(f"{rec['name']}: amortised step {rec['mean_step_ms_second_half']:.2f} ms vs DynamicCache at {mean_held} "
-              f"held {rec['dynamic_step_ms_at_mean_held']:.2f} ms -> {rec['ratio']:.3f}x", flush=True)
+    # the cost: the amortised step against DynamicCache at the same mean held length, alternating
+    for budget in args.budgets:
+        rec = cost(model, ids, budget, args.interval, args.cost_tokens, args.reps)
+        out["cost"].append(rec)
+        for name in ("decode budget", "SnapKVCache, no decode budget", "DynamicCache"):
+            r = rec[name]
+            print(f"cost, budget {budget}: {name:30s} {r['ms']:7.2f} ms/step (mean held {r['mean_held']:.0f}, "
+                  f"re-selections {r['reselections']})", flush=True)
+        print(f"cost, budget {budget}: decode budget / DynamicCache = {rec['ratio']:.3f}x "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in rec['per_round_ratio'])}); without a decode budget "
+              f"{rec['ratio_no_budget']:.3f}x", flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -55,6 +55,15 @@ int isa_lanes(Isa isa) {
   }
 }
 
+bool isa_blas_attention(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Bf16: return Avx512Bf16::kBlasAttention;
+    case Isa::Avx512: return Avx512::kBlasAttention;
+    case Isa::Avx2: return Avx2::kBlasAttention;
+    default: return Baseline::kBlasAttention;
+  }
+}
+
 std::vector<Isa> available_isas() {
   std::vector<Isa> out;
   for (Isa isa : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Baseline})

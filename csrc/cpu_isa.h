@@ -45,10 +45,12 @@ void set_isa(const std::string& name);
 // query vectors and one broadcast key element in registers). kBlasLogits: window_scores computes
 // its logits blocks with the BLAS torch ships instead of the tile (the portable path: MKL or
 // OpenBLAS pick the CPU's best kernel, which SSE2 code without FMA cannot match; measured in
-// benchmarks/RESULTS.md section 15).
+// benchmarks/RESULTS.md section 15). kBlasAttention: ragged_attention's float32 logits and value
+// products go through that BLAS too (the same reason).
 struct Baseline {
   static constexpr Isa kIsa = Isa::Baseline;
   static constexpr bool kBlasLogits = true;
+  static constexpr bool kBlasAttention = true;
 #if defined(__aarch64__)
   static constexpr int kLanes = 4, kKeys = 8, kRowVecs = 2;  // NEON: 32 registers of 128 bits
 #else
@@ -61,12 +63,14 @@ struct Baseline {
 struct Avx2 {
   static constexpr Isa kIsa = Isa::Avx2;
   static constexpr bool kBlasLogits = false;
+  static constexpr bool kBlasAttention = false;
   static constexpr int kLanes = 8, kKeys = 6, kRowVecs = 2;  // 12 accumulators + 3 of 16 ymm
   typedef float vec __attribute__((vector_size(32)));
 };
 struct Avx512 {
   static constexpr Isa kIsa = Isa::Avx512;
   static constexpr bool kBlasLogits = false;
+  static constexpr bool kBlasAttention = false;
   static constexpr int kLanes = 16, kKeys = 8, kRowVecs = 2;  // 16 accumulators + 3 of 32 zmm
   typedef float vec __attribute__((vector_size(64)));
 };
@@ -77,6 +81,8 @@ struct Avx512Bf16 : Avx512 {
 // Lanes of a path's float vector (16 avx512*, 8 avx2, 4 baseline): for host code that lays out
 // data for a kernel (read the path once with active_isa() and pass the same one to NAME_for).
 int isa_lanes(Isa isa);
+// Whether a path's kernels take ragged_attention's float32 products from the BLAS (kBlasAttention).
+bool isa_blas_attention(Isa isa);
 
 // Defines `RET NAME PARAMS`, which runs `IMPL<Traits> ARGS` compiled for the active path, and
 // `NAME_for(isa)`, the function compiled for a given path (a host that lays out data for one path

@@ -12,6 +12,10 @@
 //           statistics and accumulators rescaled when the max moves;
 //   values  acc[r] += p[r][j] * v_j, register tiles of (rows x 16-lane chunks), v_j loaded once
 //           per tile. bfloat16/float16 keys and values are widened in the loads.
+// On a path with kBlasAttention (the portable one, cpu_isa.h) float32 items take their logits
+// (S = Q K^T) and values (acc += P V) from the BLAS torch ships, on blocks of up to a whole
+// segment (the call overhead amortised; the scratch bounded by kBlasScratch floats per thread):
+// SSE2 without FMA cannot stream keys as fast as MKL's AVX2 kernels (RESULTS.md section 15).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -26,6 +30,7 @@ namespace snapkv {
 namespace {
 
 constexpr int64_t kBlock = 64;           // keys per softmax block
+constexpr int64_t kBlasScratch = 1 << 18;  // floats of logits per thread on the BLAS path
 constexpr int64_t kMinSplitKeys = 256;   // a key split is at least this long
 // Vectors of a path's width W = Isa::kLanes (16 on AVX-512, 8 on AVX2, 4 on the baseline).
 template <class Isa>
@@ -168,7 +173,8 @@ struct Item {
   int64_t k0, k1;             // this item's key range inside the segment
   float softcap;              // 0: none
   const float* q;             // [Rp, Dp] scaled queries, zero-padded
-  float* s;                   // [Rp, kBlock] logits, then probabilities
+  float* s;                   // [Rp, sb] logits, then probabilities
+  int64_t sb;                 // keys per block: kBlock, or a BLAS block (then also s's row stride)
   float* acc;                 // [Rp, Dp] unnormalised output
   float* m;                   // [R] running max
   float* l;                   // [R] running sum
@@ -213,7 +219,7 @@ SNAPKV_AI void block_logits(const Item& it, const T* __restrict__ k, int64_t ks,
       for (int rr = 0; rr < RG; ++rr)
 #pragma GCC unroll 8
         for (int jj = 0; jj < KJ; ++jj)
-          if (j0 + jj < nb) it.s[(r0 + rr) * kBlock + j0 + jj] = dot[rr * KJ + jj];
+          if (j0 + jj < nb) it.s[(r0 + rr) * it.sb + j0 + jj] = dot[rr * KJ + jj];
     }
   }
 }
@@ -234,7 +240,7 @@ SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict
     for (int64_t j = 0; j < nb; ++j) {
       float p[RT];
 #pragma GCC unroll 4
-      for (int rr = 0; rr < RT; ++rr) p[rr] = it.s[(r0 + rr) * kBlock + j];
+      for (int rr = 0; rr < RT; ++rr) p[rr] = it.s[(r0 + rr) * it.sb + j];
       const T* vr = v + j * vs;
       if (r0 == 0 && c0 == 0) prefetch_row(vr + kBlock * vs, it.D);
 #pragma GCC unroll 16
@@ -256,7 +262,7 @@ SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict
   for (int64_t d = it.Dc * Isa::kLanes; d < it.D; ++d)  // head-dim tail (D % W)
     for (int rr = 0; rr < RT; ++rr) {
       float x = it.acc[(r0 + rr) * it.Dp + d];
-      for (int64_t j = 0; j < nb; ++j) x += it.s[(r0 + rr) * kBlock + j] * widen1<T>(v + j * vs + d);
+      for (int64_t j = 0; j < nb; ++j) x += it.s[(r0 + rr) * it.sb + j] * widen1<T>(v + j * vs + d);
       it.acc[(r0 + rr) * it.Dp + d] = x;
     }
 }
@@ -265,7 +271,7 @@ SNAPKV_AI void block_values_rows(const Item& it, int64_t r0, const T* __restrict
 // segment: s becomes the probabilities (relative to the new running max), acc is rescaled.
 SNAPKV_AI void block_softmax(const Item& it, int64_t j0, int64_t nb) {
   for (int64_t r = 0; r < it.R; ++r) {
-    float* sr = it.s + r * kBlock;
+    float* sr = it.s + r * it.sb;
     // Token i of n sees segment entries [0, seg_len - n + i].
     const int64_t visible = it.seg_len - it.n + r % it.n + 1 - j0;
     const int64_t nv = visible < 0 ? 0 : (visible > nb ? nb : visible);
@@ -299,9 +305,35 @@ SNAPKV_AI void block_softmax(const Item& it, int64_t j0, int64_t nb) {
   }
 }
 
+// The BLAS products of a block of nb keys (rows of stride ks / vs): s[R, nb] = q k^T (s packed
+// at row stride nb = it.sb), then acc[R, D] += p v. Called from a worker of the parallel loop: the
+// BLAS runs single-threaded there.
+void blas_logits(const Item& it, const float* k, int64_t ks, int64_t nb) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor s = at::from_blob(it.s, {it.R, nb}, {nb, 1}, f32);
+  at::mm_out(s, at::from_blob(const_cast<float*>(it.q), {it.R, it.D}, {it.Dp, 1}, f32),
+             at::from_blob(const_cast<float*>(k), {it.D, nb}, {1, ks}, f32));
+}
+void blas_values(const Item& it, const float* v, int64_t vs, int64_t nb) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor acc = at::from_blob(it.acc, {it.R, it.D}, {it.Dp, 1}, f32);
+  acc.addmm_(at::from_blob(it.s, {it.R, nb}, {nb, 1}, f32),
+             at::from_blob(const_cast<float*>(v), {nb, it.D}, {vs, 1}, f32));
+}
+
 // The item's keys [k0, k1) of the segment at k / v (row strides ks / vs), into acc, m, l.
 template <class Isa, bool kPair, typename T>
 SNAPKV_AI void run_item(const Item& it, const T* __restrict__ k, int64_t ks, const T* __restrict__ v, int64_t vs) {
+  if constexpr (Isa::kBlasAttention && std::is_same_v<T, float>) {
+    for (int64_t j0 = it.k0; j0 < it.k1; j0 += it.sb) {
+      Item b = it;
+      b.sb = std::min(it.sb, it.k1 - j0);  // s packed: [R, nb]
+      blas_logits(b, k + j0 * ks, ks, b.sb);
+      block_softmax(b, j0, b.sb);
+      blas_values(b, v + j0 * vs, vs, b.sb);
+    }
+    return;
+  }
   for (int64_t j0 = it.k0; j0 < it.k1; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, it.k1 - j0);
     const T* kb = k + j0 * ks;
@@ -390,6 +422,12 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
   if (threads > 1 && BH < 4 * threads)
     splits = std::max<int64_t>(1, std::min(ceil_div_i(4 * threads, BH), max_len / kMinSplitKeys));
   const int64_t items = BH * splits;
+  // Keys per block: kBlock, or on a BLAS path (float32) up to a split's whole range.
+  int64_t sb = kBlock;
+  if (cpu::isa_blas_attention(isa) && q.scalar_type() == at::kFloat) {
+    const int64_t cap = std::max(kBlock, kBlasScratch / Rp / kBlock * kBlock);
+    sb = std::min(cap, std::max(kBlock, round_up_to(ceil_div_i(max_len, splits), kBlock)));
+  }
   at::Tensor out = at::empty({B, sh.Hq, n, D}, q.options());
   // Partials of split items: acc [items, Rp, Dp], then (m, l) [items, R, 2].
   std::vector<float> part(splits > 1 ? items * (Rp * Dp + 2 * R) : 0);
@@ -403,7 +441,7 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
     const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
 
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qbuf(Rp * Dp), sbuf(Rp * kBlock), own(splits > 1 ? 0 : Rp * Dp + 2 * R);
+      std::vector<float> qbuf(Rp * Dp), sbuf(Rp * sb), own(splits > 1 ? 0 : Rp * Dp + 2 * R);
       int64_t loaded = -1;  // the bh whose queries qbuf holds
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / splits, split = item % splits, b = bh / Hkv, h = bh % Hkv;
@@ -411,7 +449,7 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
         const int64_t chunk = round_up_to(ceil_div_i(seg, splits), kBlock);
         float* acc = splits > 1 ? part.data() + item * (Rp * Dp + 2 * R) : own.data();
         Item it{R, Rp, D, Dp, D / W, n, seg, std::min(seg, split * chunk), std::min(seg, (split + 1) * chunk),
-                softcap, qbuf.data(), sbuf.data(), acc, acc + Rp * Dp, acc + Rp * Dp + R};
+                softcap, qbuf.data(), sbuf.data(), sb, acc, acc + Rp * Dp, acc + Rp * Dp + R};
         if (loaded != bh) {  // scaled fp32 queries, rows g * n + i, zero-padded
           std::fill(qbuf.begin(), qbuf.end(), 0.f);
           for (int64_t r = 0; r < R; ++r) {

@@ -164,7 +164,8 @@ class SnapKVCache(LayerMajorCache):
                           "nothing is compressed", stacklevel=2)
         self.memory = PrefillMemory()
         self._routed = type(config.policy) is not SelectionPolicy
-        if self._routed:
+        if self._routed or (config.max_capacity_decode is not None and routing.routable(model)):
+            # A decode budget takes its window's queries from the routed attention (routing.tap).
             routing.route(model)
         self._global = [a.layer_idx for a in attention if a.sliding_window is None]
         if config.max_capacity_decode is not None:  # the policy's decode budgets: refused now, not mid-generation
@@ -209,10 +210,13 @@ class SnapKVCache(LayerMajorCache):
         n = hidden_states.shape[1]
         max_capacity_prompt = layer.selects(n)
         if not max_capacity_prompt:
-            if layer.wants_queries(n) and position_embeddings is not None:  # a decode budget's next window
-                with torch.no_grad():
-                    layer.remember_queries(attention.window_queries(hidden_states, position_embeddings,
-                                                                    min(n, self.config.window_size)))
+            if layer.wants_queries(n):  # a decode budget's next window
+                if routing.taps_queries(module):  # from the attention call itself
+                    routing.tap(module, layer.remember_queries)
+                elif position_embeddings is not None:  # not routed (e.g. flash attention): project again
+                    with torch.no_grad():
+                        layer.remember_queries(attention.window_queries(hidden_states, position_embeddings,
+                                                                        min(n, self.config.window_size)))
             return
         if position_embeddings is None:
             raise ValueError(f"SnapKVCache: {type(module).__name__} was called without position_embeddings")

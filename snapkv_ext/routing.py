@@ -15,6 +15,11 @@ exceptions, both recognised by the key tensor a SnapKV layer's ``update`` return
 
 Any other cache (``DynamicCache``, ...) sees exactly the original attention.
 
+A cache with a decode budget routes the model too, to see the queries: before a layer's attention
+the cache may ask for them (:func:`tap`), and the routed function hands its ``query`` (post-RoPE,
+``[B, H_q, n, D]``) to the callback before attending, instead of the cache projecting the hidden
+states a second time.
+
 A layer-major prefill (:mod:`snapkv_ext.prefill`) routes the model for its run and, where
 :func:`chunk_attention_applies`, runs each chunk inside :func:`unmasked_chunks`: the mask
 functions build no mask, and the attention runs the chunk against the keys before it unmasked
@@ -35,6 +40,7 @@ from torch import Tensor
 PREFIX = "snapkv+"
 _ROUTABLE = ("sdpa", "eager")
 _marks: dict = {}
+_taps: dict = {}  # id(attention module) -> callback(query) for its next call (tap)
 _lock = threading.Lock()
 _local = threading.local()  # .chunks: inside unmasked_chunks() on this thread
 
@@ -65,6 +71,24 @@ def _take(keys: Tensor):
     if entry is None or entry[0]() is not keys:
         return None
     return entry[1]
+
+
+def routable(model) -> bool:
+    """Whether :func:`route` can wrap ``model``'s attention (sdpa or eager, or routed already)."""
+    return all(cfg._attn_implementation is None or cfg._attn_implementation.startswith(PREFIX)
+               or cfg._attn_implementation in _ROUTABLE for cfg in _configs(model))
+
+
+def taps_queries(module) -> bool:
+    """Whether ``module``'s next call runs through a routed attention function (which honours :func:`tap`)."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return isinstance(impl, str) and impl.startswith(PREFIX)
+
+
+def tap(module, callback) -> None:
+    """Hand ``module``'s queries at its next attention call to ``callback`` (once). Only for a
+    module that :func:`taps_queries`."""
+    _taps[id(module)] = callback
 
 
 def _original_function(module, name: str):
@@ -149,6 +173,10 @@ def chunk_attention(query: Tensor, key: Tensor, value: Tensor, scale: float) -> 
 
 def _make(name: str):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if _taps:
+            callback = _taps.pop(id(module), None)
+            if callback is not None:
+                callback(query)
         if getattr(_local, "chunks", False):
             if attention_mask is not None or query.shape[2] > key.shape[2]:
                 raise RuntimeError("snapkv routing: a layer-major chunk got a mask or more queries than keys")

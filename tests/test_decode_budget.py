@@ -130,10 +130,17 @@ def test_each_ragged_reselection_equals_the_reference(monkeypatch):
     assert len(checked) >= 3
 
 
-def test_each_reselection_equals_the_reference(monkeypatch):
-    policy = "snapkv"
+@pytest.mark.parametrize("queries", ["tap", "projection"])
+def test_each_reselection_equals_the_reference(monkeypatch, queries):
     """At every decode-time re-selection of layer 1: the window is the model's own queries of the
-    last window_size tokens, and the entries kept are the float64 reference's on the same keys."""
+    last window_size tokens, and the entries kept are the float64 reference's on the same keys.
+    "tap": the routed attention hands the cache its queries (no projection but the selecting
+    step's own); "projection": the model's attention was switched back to its unrouted function
+    after the cache was made, and the cache projects the hidden states itself."""
+    from snapkv_ext import routing
+    from snapkv_ext.adapters import AttentionLayer
+
+    policy = "snapkv"
     model = tiny_model("llama", layers=2)
     seen, handle = _model_queries(model, 1)
     calls = []
@@ -144,18 +151,34 @@ def test_each_reselection_equals_the_reference(monkeypatch):
             calls.append((k_all.clone(), pos_all.clone(), pending))
         return real(self, k_all, v_all, pos_all, pending)
 
+    projections = []
+    real_project = AttentionLayer.window_queries
+
+    def count(self, hidden_states, position_embeddings, w):
+        if self.layer_idx == 1 and hidden_states.shape[1] == 1:
+            projections.append(w)
+        return real_project(self, hidden_states, position_embeddings, w)
+
     monkeypatch.setattr(SnapKVLayer, "_store_selection", spy)
+    monkeypatch.setattr(AttentionLayer, "window_queries", count)
     cache = SnapKVCache(model, **DECODE, policy=policy)
+    assert model.config._attn_implementation == routing.PREFIX + "sdpa"
+    if queries == "projection":
+        model.config._attn_implementation = "sdpa"
     try:
         generate(model, prompt(90), cache, 60)
     finally:
         handle.remove()
-    queries = torch.cat(seen, dim=2)  # every position's query, in order
+    queries_seen = torch.cat(seen, dim=2)  # every position's query, in order
     decode_calls = calls[1:]
     assert len(decode_calls) >= 3
+    if queries == "tap":  # one projection per re-selection: the selecting token's query
+        assert len(projections) == len(decode_calls) and not routing._taps
+    else:
+        assert len(projections) > W * len(decode_calls) // 2
     for k_all, pos_all, pending in decode_calls:
         last = int(pos_all.max())
-        torch.testing.assert_close(pending.q_window, queries[:, :, last - W + 1: last + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pending.q_window, queries_seen[:, :, last - W + 1: last + 1], rtol=1e-5, atol=1e-5)
     # the kept positions: replay each selection on its keys with the float64 reference
     for (k_all, pos_all, pending), (k_next, pos_next, _) in zip(decode_calls, decode_calls[1:] + [(None, None, None)]):
         want = reference.policy_keep(pending.q_window.double(), k_all.double(), pending.max_capacity_prompt, policy,
