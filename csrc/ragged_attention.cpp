@@ -31,6 +31,10 @@ namespace {
 
 constexpr int64_t kBlock = 64;           // keys per softmax block
 constexpr int64_t kBlasScratch = 1 << 18;  // floats of logits per thread on the BLAS path
+// An item takes the BLAS path from this many keys on: below, the calls' overhead (two dispatched
+// matrix products per block) costs more than the vector loops lose (SmolLM2's decode at 1K keys,
+// split three ways: 0.92x SDPA through the BLAS).
+constexpr int64_t kBlasMinKeys = 1024;
 constexpr int64_t kMinSplitKeys = 256;   // a key split is at least this long
 // Vectors of a path's width W = Isa::kLanes (16 on AVX-512, 8 on AVX2, 4 on the baseline).
 template <class Isa>
@@ -175,6 +179,7 @@ struct Item {
   const float* q;             // [Rp, Dp] scaled queries, zero-padded
   float* s;                   // [Rp, sb] logits, then probabilities
   int64_t sb;                 // keys per block: kBlock, or a BLAS block (then also s's row stride)
+  bool blas;                  // logits and values through the BLAS (float32 on a kBlasAttention path)
   float* acc;                 // [Rp, Dp] unnormalised output
   float* m;                   // [R] running max
   float* l;                   // [R] running sum
@@ -325,14 +330,16 @@ void blas_values(const Item& it, const float* v, int64_t vs, int64_t nb) {
 template <class Isa, bool kPair, typename T>
 SNAPKV_AI void run_item(const Item& it, const T* __restrict__ k, int64_t ks, const T* __restrict__ v, int64_t vs) {
   if constexpr (Isa::kBlasAttention && std::is_same_v<T, float>) {
-    for (int64_t j0 = it.k0; j0 < it.k1; j0 += it.sb) {
-      Item b = it;
-      b.sb = std::min(it.sb, it.k1 - j0);  // s packed: [R, nb]
-      blas_logits(b, k + j0 * ks, ks, b.sb);
-      block_softmax(b, j0, b.sb);
-      blas_values(b, v + j0 * vs, vs, b.sb);
+    if (it.blas) {
+      for (int64_t j0 = it.k0; j0 < it.k1; j0 += it.sb) {
+        Item b = it;
+        b.sb = std::min(it.sb, it.k1 - j0);  // s packed: [R, nb]
+        blas_logits(b, k + j0 * ks, ks, b.sb);
+        block_softmax(b, j0, b.sb);
+        blas_values(b, v + j0 * vs, vs, b.sb);
+      }
+      return;
     }
-    return;
   }
   for (int64_t j0 = it.k0; j0 < it.k1; j0 += kBlock) {
     const int64_t nb = std::min(kBlock, it.k1 - j0);
@@ -422,11 +429,13 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
   if (threads > 1 && BH < 4 * threads)
     splits = std::max<int64_t>(1, std::min(ceil_div_i(4 * threads, BH), max_len / kMinSplitKeys));
   const int64_t items = BH * splits;
-  // Keys per block: kBlock, or on a BLAS path (float32) up to a split's whole range.
-  int64_t sb = kBlock;
-  if (cpu::isa_blas_attention(isa) && q.scalar_type() == at::kFloat) {
+  // Keys per block: kBlock, or on a BLAS path (float32) up to an item's whole range (sb_max: the
+  // longest, within kBlasScratch); an item shorter than kBlasMinKeys keeps the vector loops.
+  const bool blas_path = cpu::isa_blas_attention(isa) && q.scalar_type() == at::kFloat;
+  int64_t sb_max = kBlock;
+  if (blas_path) {
     const int64_t cap = std::max(kBlock, kBlasScratch / Rp / kBlock * kBlock);
-    sb = std::min(cap, std::max(kBlock, round_up_to(ceil_div_i(max_len, splits), kBlock)));
+    sb_max = std::min(cap, std::max(kBlock, round_up_to(ceil_div_i(max_len, splits), kBlock)));
   }
   at::Tensor out = at::empty({B, sh.Hq, n, D}, q.options());
   // Partials of split items: acc [items, Rp, Dp], then (m, l) [items, R, 2].
@@ -441,15 +450,17 @@ at::Tensor ragged_attention_cpu(const RaggedShape& sh, const at::Tensor& q, cons
     const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
 
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qbuf(Rp * Dp), sbuf(Rp * sb), own(splits > 1 ? 0 : Rp * Dp + 2 * R);
+      std::vector<float> qbuf(Rp * Dp), sbuf(Rp * sb_max), own(splits > 1 ? 0 : Rp * Dp + 2 * R);
       int64_t loaded = -1;  // the bh whose queries qbuf holds
       for (int64_t item = begin; item < end; ++item) {
         const int64_t bh = item / splits, split = item % splits, b = bh / Hkv, h = bh % Hkv;
         const int64_t seg = ln[bh];
         const int64_t chunk = round_up_to(ceil_div_i(seg, splits), kBlock);
         float* acc = splits > 1 ? part.data() + item * (Rp * Dp + 2 * R) : own.data();
-        Item it{R, Rp, D, Dp, D / W, n, seg, std::min(seg, split * chunk), std::min(seg, (split + 1) * chunk),
-                softcap, qbuf.data(), sbuf.data(), sb, acc, acc + Rp * Dp, acc + Rp * Dp + R};
+        const int64_t k0 = std::min(seg, split * chunk), k1 = std::min(seg, (split + 1) * chunk);
+        const bool blas = blas_path && k1 - k0 >= kBlasMinKeys;
+        Item it{R, Rp, D, Dp, D / W, n, seg, k0, k1, softcap, qbuf.data(), sbuf.data(), blas ? sb_max : kBlock, blas,
+                acc, acc + Rp * Dp, acc + Rp * Dp + R};
         if (loaded != bh) {  // scaled fp32 queries, rows g * n + i, zero-padded
           std::fill(qbuf.begin(), qbuf.end(), 0.f);
           for (int64_t r = 0; r < R; ++r) {

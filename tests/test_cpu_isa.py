@@ -96,10 +96,12 @@ def test_compress_same_on_every_path(isa, gen, dtype):
         (1, 4, 4, 17, 65, [[17, 40, 200, 18]], torch.float16, 30.0),
         (1, 32, 32, 1, 128, [[600] * 32], torch.bfloat16, None),
         (1, 32, 8, 1, 128, [[1025, 3, 64, 700, 1, 90, 257, 31]], torch.float32, 5.0),
-        # float32 on the portable path's BLAS products: new tokens (causal), a head dim off the
-        # 16-float row stride, key splits (2 segments), and blocks cut by the scratch bound (R 256).
+        # float32, key splits (2 segments, new tokens: causal, a head dim off the 16-float stride)
         (1, 4, 2, 5, 72, [[1500, 40]], torch.float32, None),
-        (1, 8, 2, 64, 64, [[3000, 100]], torch.float32, 20.0),
+        # float32 items of >= 1024 keys take the portable path's BLAS products (shorter ones in the
+        # same call the vector loops); 256 query rows cut a segment into blocks (scratch bound)
+        (1, 8, 8, 1, 72, [[2100, 5, 1500, 300, 2100, 1, 1100, 64]], torch.float32, None),
+        (1, 32, 8, 64, 64, [[2100, 1300, 70, 2100, 1024, 64, 2100, 1500]], torch.float32, 20.0),
     ],
 )
 def test_ragged_attention(isa, gen, B, Hq, Hkv, n, D, lengths, dtype, softcap):
