@@ -203,6 +203,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    if args.json and out["runs"]:  # --cost-only: nothing to plot
         try:
             import matplotlib
 
