@@ -33,7 +33,9 @@ from snapkv_ext.tools.haystack import chat_ids, haystack, retrieved  # noqa: E40
 from snapkv_ext.tools.models import load_model  # noqa: E402
 
 REQUEST = "Now write a long, detailed essay about the history of computing, from the abacus to today."
-QUESTION = "<|im_end|>\n<|im_start|>user\nWhat is the pass key in the document above? Answer with the number.<|im_end|>\n<|im_start|>assistant\n"
+# The essay's turn ends, the user asks (SmolLM2's chat format, the tokens its template writes).
+QUESTION = ("<|im_end|>\n<|im_start|>user\nWhat is the pass key in the document above? Answer with the number."
+            "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def case_prompt(tok, n_tokens: int, depth: float, seed: int):
