@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 # The budget when neither max_capacity_prompt nor compression_ratio is given (the paper's 1024).
@@ -12,6 +12,21 @@ DEFAULT_MAX_CAPACITY_PROMPT = 1024
 DEFAULT_KERNEL_SIZE = 13
 POOLINGS = ("max", "avg")
 GROUP_REDUCES = ("mean", "max", "sum")
+
+
+def _setting(default, kind: type, help: str):
+    """A SnapKVConfig field: its default, and as metadata its value type and help line."""
+    return field(default=default, metadata={"type": kind, "help": help})
+
+
+def setting_help(name: str) -> str:
+    """The help line of SnapKVConfig's setting ``name``."""
+    return SnapKVConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def setting_default(name: str):
+    """The default of SnapKVConfig's setting ``name``."""
+    return SnapKVConfig.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
@@ -49,19 +64,25 @@ class SnapKVConfig:
     last ``window_size`` tokens' queries (generated ones), and frees the rest.
     """
 
-    max_capacity_prompt: Optional[int] = None
-    window_size: int = 32
-    kernel_size: int = DEFAULT_KERNEL_SIZE
-    pooling: str = "max"
-    group_reduce: str = "mean"
-    compression_ratio: Optional[float] = None
-    recompress: bool = True
-    use_reference: bool = False
-    decode_reserve: int = 128
-    policy: Any = "snapkv"
-    scorer: Any = "snapkv"
-    max_capacity_decode: Optional[int] = None
-    decode_interval: int = 64
+    # Each setting once: its name, default, type and one line of help (the command line's flags,
+    # SnapKVCache's and SnapKVDocument's arguments and the lm-eval model args are checked against
+    # these by tests/test_cli.py and tests/test_cache.py).
+    max_capacity_prompt: Optional[int] = _setting(
+        None, int, "kept prompt entries per KV head, the window included (1024 when no compression ratio is given)")
+    window_size: int = _setting(32, int, "the prompt's last tokens, whose attention scores the rest")
+    kernel_size: int = _setting(DEFAULT_KERNEL_SIZE, int,
+                                "pooling kernel over the scores (odd; SnapKV's published setting: 7)")
+    pooling: str = _setting("max", str, "how the scores are pooled: max or avg")
+    group_reduce: str = _setting("mean", str, "how a GQA group's query heads' scores combine: mean, max or sum")
+    compression_ratio: Optional[float] = _setting(None, float, "fraction of each prompt kept, in (0, 1]")
+    recompress: bool = _setting(True, bool, "re-select over the cache and a new turn longer than the window")
+    use_reference: bool = _setting(False, bool, "compress with the float64 plain-torch reference (debugging)")
+    decode_reserve: int = _setting(128, int, "free entries allocated after a compression, for the tokens decoded next")
+    policy: Any = _setting("snapkv", str, "how the budget is spread over layers and KV heads (docs/policies.md)")
+    scorer: Any = _setting("snapkv", str, "how entries are scored for the selection (docs/scorers.md)")
+    max_capacity_decode: Optional[int] = _setting(
+        None, int, "keep each layer within this many entries per KV head while generating (None: no bound)")
+    decode_interval: int = _setting(64, int, "with max_capacity_decode: re-select every this many generated tokens")
 
     def __post_init__(self):
         def bad(msg):

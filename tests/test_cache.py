@@ -39,6 +39,24 @@ def test_drop_in_generate_and_exact_when_it_fits(arch, attn):
     assert st["physical_length"] == [24 + 7, 24 + 7]
 
 
+@pytest.mark.parametrize("api", ["SnapKVCache", "SnapKVDocument"])
+def test_arguments_are_the_config_settings(api):
+    """SnapKVCache's and SnapKVDocument's setting arguments have SnapKVConfig's names and defaults
+    (config.py declares them once; a default changed there and not here fails)."""
+    import inspect
+    from dataclasses import fields
+
+    import snapkv_ext
+
+    params = inspect.signature(getattr(snapkv_ext, api)).parameters
+    settings = {f.name: f.default for f in fields(SnapKVConfig)}
+    shared = [n for n in params if n in settings]
+    assert {"max_capacity_prompt", "compression_ratio", "window_size", "kernel_size", "pooling", "policy", "scorer",
+            "max_capacity_decode", "decode_interval", "decode_reserve", "group_reduce"} <= set(shared)
+    for name in shared:
+        assert params[name].default == settings[name], (api, name)
+
+
 def test_sampling_runs():
     model = tiny_model("llama")
     ids = prompt(50)

@@ -1,5 +1,6 @@
 """The snapkv-ext command line end to end on small settings: outputs parse and make sense,
 pictures open with the expected size, bad arguments exit non-zero with one clear line."""
+import argparse
 import json
 import os
 import re
@@ -324,6 +325,44 @@ def test_every_setting_has_its_flag():
     for f in fields(SnapKVConfig):
         if f.name not in not_on_the_command_line:
             assert "--" + f.name.replace("_", "-") in flags, f"SnapKVConfig.{f.name} has no generate flag"
+
+
+# The commands whose defaults differ from SnapKVConfig's, on purpose: the demo's document is 2K
+# tokens; generate names its budget (the config's None means the same 1024); eval needle's prompts
+# are short (500 tokens by default).
+CHOSEN_DEFAULTS = {("demo", "max_capacity_prompt"): 512, ("generate", "max_capacity_prompt"): 1024,
+                   ("eval needle", "window_size"): 16}
+
+
+def test_settings_flags_are_the_config_fields():
+    """Every flag named after a SnapKVConfig setting, in every command, has the setting's type,
+    help line and default (config.py declares them once), except the defaults chosen above."""
+    from dataclasses import fields
+
+    from snapkv_ext import SnapKVConfig
+    from snapkv_ext.tools.cli import build_parser
+
+    settings = {f.name: f for f in fields(SnapKVConfig)}
+
+    def commands(parser, prefix=""):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from commands(sub, f"{prefix} {name}".strip())
+        yield prefix, parser
+
+    seen = set()
+    for command, parser in commands(build_parser()):
+        for a in parser._actions:
+            f = settings.get(a.dest)
+            if f is None or not a.option_strings:
+                continue
+            seen.add(a.dest)
+            assert a.option_strings == ["--" + f.name.replace("_", "-")], (command, a.option_strings)
+            assert a.type is f.metadata["type"] and a.help.startswith(f.metadata["help"]), (command, f.name)
+            want = CHOSEN_DEFAULTS.get((command, f.name), f.default)
+            assert a.default == want, (command, f.name, a.default)
+    assert {"max_capacity_prompt", "window_size", "kernel_size", "pooling", "policy", "scorer"} <= seen
 
 
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):

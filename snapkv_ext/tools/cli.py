@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from ..config import DEFAULT_KERNEL_SIZE
+from ..config import GROUP_REDUCES, POOLINGS
 from ..policies import POLICIES
 from ..scorers import SCORERS
 
@@ -52,24 +52,41 @@ def _common(p: argparse.ArgumentParser, out_default: str = "snapkv-out") -> None
     p.add_argument("--gguf-file", default=None, help="a GGUF file inside --model")
 
 
+_CONFIG_DEFAULT = object()
+# The values a setting's flag offers (the rest take any value of their type).
+_CHOICES = {"pooling": lambda: list(POOLINGS), "group_reduce": lambda: list(GROUP_REDUCES),
+            "policy": lambda: list(POLICIES), "scorer": lambda: list(SCORERS)}
+
+
+def _setting_flag(p, name: str, default=_CONFIG_DEFAULT):
+    """The flag of SnapKVConfig's setting ``name`` (``--window-size`` for ``window_size``), with
+    the setting's type, choices and help line (config.py declares them once); its default too,
+    unless a command chooses another (said in its help)."""
+    from ..config import SnapKVConfig
+
+    f = SnapKVConfig.__dataclass_fields__[name]
+    if f.metadata["type"] is bool:
+        raise ValueError(f"{name}: a bool setting needs an on/off flag, not a typed one")
+    kw = dict(type=f.metadata["type"], default=f.default if default is _CONFIG_DEFAULT else default,
+              help=f.metadata["help"] + " (default %(default)s)")
+    if name in _CHOICES:
+        kw["choices"] = _CHOICES[name]()
+    return p.add_argument("--" + name.replace("_", "-"), **kw)
+
+
 def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional[int] = None) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-capacity-prompt", type=int, default=max_capacity_prompt_default,
-                   help="kept prompt tokens per KV head (window included; default %(default)s)")
-    g.add_argument("--compression-ratio", type=float, default=None, help="fraction of the prompt kept, in (0, 1]")
-    p.add_argument("--window-size", type=int, default=32,
-                   help="the prompt's last tokens, whose attention picks what is kept")
-    p.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE,
-                   help="pooling kernel over the attention scores (odd; default %(default)s, SnapKV's published: 7)")
-    p.add_argument("--pooling", default="max", choices=["max", "avg"])
-    p.add_argument("--policy", default="snapkv", choices=list(POLICIES),
-                   help="how the budget is spread over layers and KV heads (default %(default)s)")
-    p.add_argument("--scorer", default="snapkv", choices=list(SCORERS),
-                   help="how prompt entries are ranked (docs/scorers.md; default %(default)s)")
-    p.add_argument("--max-capacity-decode", type=int, default=None,
-                   help="keep each layer within this many entries per KV head while generating (default: no bound)")
-    p.add_argument("--decode-interval", type=int, default=64,
-                   help="with --max-capacity-decode: re-select every this many generated tokens (default %(default)s)")
+    _setting_flag(g, "max_capacity_prompt", max_capacity_prompt_default)
+    _setting_flag(g, "compression_ratio")
+    for name in ("window_size", "kernel_size", "pooling", "policy", "scorer", "max_capacity_decode", "decode_interval"):
+        _setting_flag(p, name)
+
+
+def _pooling_args(p: argparse.ArgumentParser, window_size=_CONFIG_DEFAULT) -> None:
+    """A sweep command's scoring settings (its budgets, policies and scorers are lists)."""
+    _setting_flag(p, "window_size", window_size)
+    _setting_flag(p, "kernel_size")
+    _setting_flag(p, "pooling")
 
 
 def _policies_arg(p: argparse.ArgumentParser) -> None:
@@ -636,9 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     b.add_argument("--max-capacity-prompts", type=int, nargs="+", default=[256],
                    help="one SnapKV run per --max-capacity-prompt value")
-    b.add_argument("--window-size", type=int, default=32)
-    b.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
-    b.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _pooling_args(b)
     _policies_arg(b)
     b.add_argument("--steps", type=int, default=16, help="decoded tokens per run")
     b.add_argument("--reps", type=int, default=3)
@@ -655,9 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one SnapKV method per --max-capacity-prompt value")
     n.add_argument("--compression-ratios", type=float, nargs="*", default=[0.25],
                    help="one SnapKV method per --compression-ratio value")
-    n.add_argument("--window-size", type=int, default=16)
-    n.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
-    n.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _pooling_args(n, window_size=16)  # short prompts (500 tokens by default)
     _policies_arg(n)
     n.set_defaults(func=cmd_eval_needle)
 
@@ -679,9 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one SnapKV setting per --max-capacity-prompt value")
     r.add_argument("--compression-ratios", type=float, nargs="*", default=[0.5, 0.25, 0.1],
                    help="one SnapKV setting per --compression-ratio value (default %(default)s)")
-    r.add_argument("--window-size", type=int, default=32)
-    r.add_argument("--kernel-size", type=int, default=DEFAULT_KERNEL_SIZE)
-    r.add_argument("--pooling", default="max", choices=["max", "avg"])
+    _pooling_args(r)
     _policies_arg(r)
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--apply-chat-template", action="store_true",
