@@ -230,24 +230,42 @@ def test_cli_eval_ruler_tiny_run(tiny_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     code = main(["eval", "ruler", "--model", tiny_dir, "--tasks", "niah_single_1", "--lengths", "1024",
                  "--limit", "1", "--compression-ratios", "0.5", "--window-size", "8", "--kernel-size", "5",
-                 "--out", str(out)])
+                 "--max-capacity-decodes", "40", "--out", str(out)])
     cap = capsys.readouterr()
     assert code == 0, cap.err[-3000:]
     res = json.loads((out / "ruler.json").read_text())
-    assert list(res["settings"]) == ["full", "snapkv-50%"]
+    assert list(res["settings"]) == ["full", "snapkv-50%", "snapkv-50%+decode-40"]
+    assert res["settings"]["snapkv-50%+decode-40"]["max_capacity_decode"] == 40
     assert res["settings"]["snapkv-50%"]["window_size"] == 8 and res["settings"]["snapkv-50%"]["kernel_size"] == 5
     assert res["settings"]["snapkv-50%"]["policy"] == {"name": "snapkv"}
     assert res["samples"] == {"niah_single_1": {"1024": 1}}
-    for s in ("full", "snapkv-50%"):
+    for s in ("full", "snapkv-50%", "snapkv-50%+decode-40"):
         assert 0 <= res["scores"][s]["niah_single_1"]["1024"] <= 1
     assert res["kv_kept"]["full"]["1024"] == 1
     assert 0.45 < res["kv_kept"]["snapkv-50%"]["1024"] < 0.6  # half the prompt, plus the decoded tokens
+    # the decode budget bounds it: at most 40 + 64 entries per head of a prompt of about 1K tokens
+    assert res["kv_kept"]["snapkv-50%+decode-40"]["1024"] < 0.12
     assert "| niah_single_1 |" in cap.out and "snapkv-50%" in cap.out
     with Image.open(out / "ruler.png") as im:
         assert im.size[0] > 200 and im.size[1] > 200
 
 
+def test_ruler_settings_with_decode_budgets():
+    """eval ruler's settings: the full cache, then each budget per policy, and with
+    --max-capacity-decodes each again with that decode budget (named +decode-N)."""
+    from snapkv_ext.tools.ruler import settings_from
+
+    got = settings_from([64], [0.5], window_size=8, policies=["snapkv", "adakv"], max_capacity_decodes=[None, 40])
+    assert [n for n, _ in got] == ["full", "snapkv-64", "snapkv-50%", "snapkv-64+decode-40", "snapkv-50%+decode-40",
+                                   "adakv-64", "adakv-50%", "adakv-64+decode-40", "adakv-50%+decode-40"]
+    assert got[0][1] is None
+    by_name = dict(got[1:])
+    assert by_name["snapkv-64"].max_capacity_decode is None and by_name["adakv-50%+decode-40"].max_capacity_decode == 40
+    assert by_name["adakv-50%+decode-40"].compression_ratio == 0.5 and by_name["snapkv-64+decode-40"].window_size == 8
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--max-capacity-decodes", "16"], "--max-capacity-decodes: 16 must be larger than --window-size (32)"),
     (["--tasks", "niah_multivalue"], "invalid choice: 'niah_multivalue'"),
     (["--lengths", "512"], "--lengths: 512 is too short for RULER's data (at least 1024 tokens)"),
     (["--compression-ratios", "1.5"], "--compression-ratios: 1.5 is not in (0, 1]"),

@@ -207,6 +207,9 @@ def _check_settings(args) -> None:
     for c in getattr(args, "max_capacity_prompts", []):  # sweeps (bench, eval needle)
         if c <= args.window_size:
             raise UserError(f"--max-capacity-prompts: {c} must be larger than --window-size ({args.window_size})")
+    for c in getattr(args, "max_capacity_decodes", []):  # eval ruler
+        if c <= args.window_size:
+            raise UserError(f"--max-capacity-decodes: {c} must be larger than --window-size ({args.window_size})")
     for r in getattr(args, "compression_ratios", []):
         if not 0 < r <= 1:
             raise UserError(f"--compression-ratios: {r} is not in (0, 1]")
@@ -551,7 +554,7 @@ def cmd_eval_ruler(args) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"  # the offline tasks need nothing from the Hub; never download
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     settings = settings_from(args.max_capacity_prompts, args.compression_ratios, args.window_size, args.kernel_size,
-                             args.pooling, args.policies, args.scorers)
+                             args.pooling, args.policies, args.scorers, [None] + args.max_capacity_decodes)
     import datetime
     import platform
 
@@ -693,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--compression-ratios", type=float, nargs="*", default=[0.5, 0.25, 0.1],
                    help="one SnapKV setting per --compression-ratio value (default %(default)s)")
     _pooling_args(r)
+    r.add_argument("--max-capacity-decodes", type=int, nargs="*", default=[],
+                   help="each SnapKV setting also with this decode budget (max_capacity_decode: entries per KV head "
+                        "kept while generating; one more setting per value, named +decode-N)")
     _policies_arg(r)
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--apply-chat-template", action="store_true",

@@ -31,17 +31,22 @@ Setting = Tuple[str, Optional[SnapKVConfig]]
 
 def settings_from(max_capacity_prompts: Sequence[int] = (), compression_ratios: Sequence[float] = (),
                   window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max",
-                  policies: Sequence[str] = ("snapkv",), scorers: Sequence[str] = ("snapkv",)) -> List[Setting]:
+                  policies: Sequence[str] = ("snapkv",), scorers: Sequence[str] = ("snapkv",),
+                  max_capacity_decodes: Sequence[Optional[int]] = (None,)) -> List[Setting]:
     """``[("full", None), ("snapkv-50%", SnapKVConfig(...)), ("adakv-50%", ...), ...]``: the full
-    cache first, then per scorer and policy each budget (another scorer than SnapKV's named first:
-    ``tova+snapkv-50%``)."""
+    cache first, then per scorer, policy and decode budget each budget (another scorer than
+    SnapKV's named first: ``tova+snapkv-50%``; a decode budget last: ``snapkv-50%+decode-512``)."""
     out: List[Setting] = [("full", None)]
     for s in scorers:
         for p in policies:
-            kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling, policy=p, scorer=s)
-            name = p if s == "snapkv" else f"{s}+{p}"
-            out += [(f"{name}-{c}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
-            out += [(f"{name}-{r * 100:g}%", SnapKVConfig(compression_ratio=r, **kw)) for r in compression_ratios]
+            for d in max_capacity_decodes:
+                kw = dict(window_size=window_size, kernel_size=kernel_size, pooling=pooling, policy=p, scorer=s,
+                          max_capacity_decode=d)
+                name = p if s == "snapkv" else f"{s}+{p}"
+                tail = "" if d is None else f"+decode-{d}"
+                out += [(f"{name}-{c}{tail}", SnapKVConfig(max_capacity_prompt=c, **kw)) for c in max_capacity_prompts]
+                out += [(f"{name}-{r * 100:g}%{tail}", SnapKVConfig(compression_ratio=r, **kw))
+                        for r in compression_ratios]
     return out
 
 
