@@ -457,13 +457,13 @@ class RaggedSnapKVLayer(SnapKVLayer):
         return self._lengths.clone() if self.ragged else super().kept_lengths()
 
     def visible_length(self) -> int:
-        return int(self._lengths.max()) if self.ragged else self.physical
+        return self._len_max if self.ragged else self.physical
 
     def held_per_head(self) -> int:
         if not self.ragged:
             return self.physical
         H = self._lengths.shape[1]
-        return -(-int(self._lengths.sum(1).max()) // H)  # a head may hold more than its layer's mean
+        return -(-self._row_max // H)  # a head may hold more than its layer's mean
 
     # -- the flat store
     @staticmethod
@@ -483,6 +483,10 @@ class RaggedSnapKVLayer(SnapKVLayer):
         rows = self._rows(starts, lengths)
         self._rk[rows], self._rv[rows], self._rp[rows] = k, v, p
         self._starts, self._lengths, self._caps = starts, lengths.clone(), caps
+        # Host copies of what each decode step asks (visible_length, held_per_head, room to append),
+        # kept exact by _append_ragged: no device round trip per step, one per lay-out.
+        self._len_max, self._row_max = (int(x) for x in torch.stack([lengths.max(), lengths.sum(1).max()]).tolist())
+        self._room = reserve
         self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
         self.physical = 0
         self._dense_positions = None
@@ -532,9 +536,9 @@ class RaggedSnapKVLayer(SnapKVLayer):
 
     def _append_ragged(self, k: Tensor, v: Tensor) -> None:
         B, H, n, D = k.shape
-        if bool((self._lengths + n > self._caps).any()):  # grow: amortised, not one copy per token
+        if self._room < n:  # grow: amortised, not one copy per token
             rows = self._rows(self._starts, self._lengths)
-            reserve = max(self.config.decode_reserve, int(self._lengths.max()) // 4, n)
+            reserve = max(self.config.decode_reserve, self._len_max // 4, n)
             self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], self._lengths, reserve)
         dest = (self._starts + self._lengths)[..., None] + torch.arange(n, device=self._starts.device)
         dest = dest.flatten()
@@ -542,6 +546,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
         self._rv[dest] = v.reshape(-1, D)
         self._rp[dest] = torch.arange(self.logical, self.logical + n, device=self._rp.device).repeat(B * H)
         self._lengths = self._lengths + n
+        self._len_max, self._row_max, self._room = self._len_max + n, self._row_max + n * H, self._room - n
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
         if not self.ragged or self.prompt_length is not None:

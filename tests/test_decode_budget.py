@@ -190,6 +190,51 @@ def test_each_reselection_equals_the_reference(monkeypatch, queries):
             assert got == kept
 
 
+@pytest.mark.parametrize("settings", [dict(DECODE, policy="adakv"),  # re-selections while decoding
+                                      dict(max_capacity_prompt=64, window_size=W, kernel_size=5, policy="adakv",
+                                           decode_reserve=3)])  # no decode budget: the store grows
+def test_ragged_decode_steps_read_no_device_value(monkeypatch, settings):
+    """A ragged layer's decode step reads nothing back from its tensors (on a GPU: no host round
+    trip per step): its host copies of the longest segment, the most a row holds and the free rows
+    stay equal to the tensors' values after every update; only a step that lays the store out
+    again (a re-selection, or growth) reads them."""
+    from snapkv_ext.layers import RaggedSnapKVLayer
+
+    model = tiny_model("llama", layers=2)
+    reads, state = [], {"in": False}
+    for name in ("__int__", "__bool__", "__index__", "item", "tolist"):
+        real_read = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real_read, **k):
+            if state["in"]:
+                reads.append(1)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real = RaggedSnapKVLayer.update
+    plain_steps = []
+
+    def spy(self, k, v, *a, **kw):
+        was = self._rk if self.ragged else None
+        state["in"], before = True, len(reads)
+        try:
+            out = real(self, k, v, *a, **kw)
+        finally:
+            state["in"] = False
+        if was is not None and self._rk is was:  # a plain step: appended in place
+            plain_steps.append(len(reads) - before)
+        if self.ragged:
+            state_len = self._lengths
+            assert self._len_max == int(state_len.max()) and self._row_max == int(state_len.sum(1).max())
+            room = self._caps - state_len
+            assert self._room == int(room.min()) == int(room.max())
+        return out
+
+    monkeypatch.setattr(RaggedSnapKVLayer, "update", spy)
+    generate(model, prompt(90), SnapKVCache(model, **settings), 60)
+    assert len(plain_steps) > 40 and set(plain_steps) == {0}
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_left_padded_rows_equal_alone(arch):
     model = tiny_model(arch, layers=3)
