@@ -19,16 +19,6 @@ def _setting(default, kind: type, help: str):
     return field(default=default, metadata={"type": kind, "help": help})
 
 
-def setting_help(name: str) -> str:
-    """The help line of SnapKVConfig's setting ``name``."""
-    return SnapKVConfig.__dataclass_fields__[name].metadata["help"]
-
-
-def setting_default(name: str):
-    """The default of SnapKVConfig's setting ``name``."""
-    return SnapKVConfig.__dataclass_fields__[name].default
-
-
 @dataclass(frozen=True)
 class SnapKVConfig:
     """SnapKV settings, validated on construction.
