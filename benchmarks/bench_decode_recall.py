@@ -102,6 +102,10 @@ def main():
     p.add_argument("--other-scorers-budget", type=int, default=512,
                    help="the budget the scorers after the first are measured at")
     p.add_argument("--other-scorers", nargs="*", default=["streamingllm", "tova"])
+    p.add_argument("--prompt-budget", type=int, default=None,
+                   help="the decode settings' prompt budget (default: the decode budget; above the prompt's "
+                        "length: the prompt is kept whole and only the re-selections while writing drop entries)")
+    p.add_argument("--no-prompt-only", action="store_true", help="skip the SnapKV-on-the-prompt-only setting")
     p.add_argument("--interval", type=int, default=64)
     p.add_argument("--window-size", type=int, default=32)
     p.add_argument("--block", type=int, default=16)
@@ -114,9 +118,11 @@ def main():
     written = write(model, tok, [c[2] for c in cases], args.new_tokens, seed=0)
     print(f"wrote {args.new_tokens} tokens for {len(cases)} cases ({time.perf_counter() - t0:.0f} s); the first "
           f"begins: {tok.decode(written[0][0, :40])!r}", flush=True)
-    settings = [("full", None, None, None), ("snapkv prompt only", "snapkv", args.budgets[-1], None)]
-    settings += [(f"{sc} decode {b}", sc, b, b) for sc in args.scorers for b in args.budgets]
-    settings += [(f"{sc} decode {args.other_scorers_budget}", sc, args.other_scorers_budget,
+    settings = [("full", None, None, None)]
+    if not args.no_prompt_only:
+        settings.append(("snapkv prompt only", "snapkv", args.budgets[-1], None))
+    settings += [(f"{sc} decode {b}", sc, args.prompt_budget or b, b) for sc in args.scorers for b in args.budgets]
+    settings += [(f"{sc} decode {args.other_scorers_budget}", sc, args.prompt_budget or args.other_scorers_budget,
                   args.other_scorers_budget) for sc in args.other_scorers]
     out = dict(model="smollm2", prompt_tokens=[c[2].shape[1] for c in cases], new_tokens=args.new_tokens,
                interval=args.interval, window_size=args.window_size, block=args.block,
