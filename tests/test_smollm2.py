@@ -60,11 +60,12 @@ def test_left_padded_batch_equals_rows_alone(model_tok):
 
 
 def test_pass_key_retrieval_at_25_percent(model_tok):
-    """Budget 25% of the prompt: at least as many retrievals as the full cache minus one."""
+    """Budget 25% of the prompt: at least as many retrievals as the full cache minus one (three
+    lengths, the key early and late; the depth sweep itself is benchmarks/RESULTS.md's)."""
     model, tok = model_tok
     full = snap = 0
     for n in (1000, 2000, 4000):
-        for depth in (0.2, 0.5, 0.8):
+        for depth in (0.2, 0.8):
             case = needle_case(tok, n, depth)
             ids = chat_ids(tok, case.prompt)
             full += retrieved(tok.decode(generate(model, ids, DynamicCache(), n=14)[0]), case.answer)
@@ -73,5 +74,5 @@ def test_pass_key_retrieval_at_25_percent(model_tok):
             snap += retrieved(tok.decode(out[0]), case.answer)
             # ceil(25% of the prompt) kept, plus the generated tokens but the last (not yet fed back).
             assert c.stats()["physical_length"][0] == -(-ids.shape[1] // 4) + out.shape[1] - 1
-    assert full >= 8, f"the full cache itself retrieved only {full}/9"
-    assert snap >= full - 1, f"SnapKV at 25% retrieved {snap}/9, the full cache {full}/9"
+    assert full >= 5, f"the full cache itself retrieved only {full}/6"
+    assert snap >= full - 1, f"SnapKV at 25% retrieved {snap}/6, the full cache {full}/6"
