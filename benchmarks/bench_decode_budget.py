@@ -16,7 +16,6 @@ medians. Plots held KV against generated tokens (held_kv.png).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_json  # noqa: E402
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
@@ -200,9 +200,7 @@ def main():
               f"(rounds: {', '.join(f'{x:.3f}' for x in rec['per_round_ratio'])}); without a decode budget "
               f"{rec['ratio_no_budget']:.3f}x", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     if args.json and out["runs"]:  # --cost-only: nothing to plot
         try:
             import matplotlib

@@ -15,7 +15,6 @@ budget (the prompt budget the same) per scorer and budget.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_json  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
@@ -149,9 +149,7 @@ def main():
               f"KV head at the end ({row['seconds']:.0f} s); answers: "
               f"{[a['answer'][:24] for a in answers]}", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_json  # noqa: E402
 from snapkv_ext import SnapKVCache  # noqa: E402
 from snapkv_ext.cache import cache_kwargs  # noqa: E402
 from snapkv_ext.prefill import prefill, prefill_memory  # noqa: E402
@@ -203,9 +204,7 @@ def main():
                summary=summary, torch=torch.__version__, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                load_before=load, load_after=load_after, date=time.strftime("%Y-%m-%d %H:%M"))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

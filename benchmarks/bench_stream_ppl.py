@@ -14,7 +14,6 @@ over the tokens after the prompt, and the entries held per KV head at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -24,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_json  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from snapkv_ext import SnapKVCache  # noqa: E402
@@ -89,9 +89,7 @@ def main():
         print(f"{row['scorer']:12s} budget {str(budget):>5s}: ppl {row['ppl']:.3f} over {n} tokens, held {held} per "
               f"KV head at the end ({row['seconds']:.0f} s)", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Timing helpers shared by the end-to-end benchmarks."""
+"""Timing and output helpers shared by the end-to-end benchmarks."""
+import json
+import os
 import time
 
 import torch
@@ -16,3 +18,10 @@ def timed(fn, device: str):
     out = fn()
     sync(device)
     return time.perf_counter() - t, out
+
+
+def write_json(path: str, data) -> None:
+    """Write ``data`` to ``path`` (indent 1), making its folder first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)

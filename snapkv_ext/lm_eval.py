@@ -238,9 +238,8 @@ class SnapKVLM(HFLM):
             # dequantizing the file again (the embedded model: 23 s). See tools.models.load_model.
             from .tools.models import gguf_copy
 
-            load_from, load_gguf = gguf_copy(pretrained, gguf_file, dtype), gguf_file
-            if load_from != pretrained:
-                load_gguf = None
+            load_from = gguf_copy(pretrained, gguf_file, dtype)
+            load_gguf = None if load_from != pretrained else gguf_file
         super().__init__(pretrained=load_from, device=device, dtype=dtype, gguf_file=load_gguf, **kwargs)
 
         from .cache import SnapKVCache
