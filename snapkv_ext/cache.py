@@ -29,11 +29,10 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import routing
+from . import routing, stores
 from .adapters import AttentionLayer, attention_layers, describe_sharding, tensor_parallel_size
 from .config import DEFAULT_KERNEL_SIZE, SnapKVConfig
-from .layers import PendingSelection, PrefillMemory, RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
-from .policies import SelectionPolicy
+from .layers import PendingSelection, PrefillMemory, SlidingWindowLayer, SnapKVLayer
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -127,12 +126,13 @@ class SnapKVCache(LayerMajorCache):
         (Llama/SmolLM2, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3,
         Phi-3, Granite, OLMo 2). Its attention modules get an inert forward pre-hook (once).
     max_capacity_prompt, window_size, kernel_size, pooling, group_reduce, compression_ratio,
-    recompress, use_reference, decode_reserve, policy, scorer, max_capacity_decode, decode_interval :
+    recompress, use_reference, decode_reserve, policy, scorer, max_capacity_decode, decode_interval, store :
         See :class:`SnapKVConfig`; or pass ``config=SnapKVConfig(...)``. ``max_capacity_decode``
         bounds each layer while generating (re-selected every ``decode_interval`` tokens). ``scorer`` says how
         entries are scored (:mod:`snapkv_ext.scorers`: ``snapkv``, ``streamingllm``, ``keynorm``,
-        ``tova``, ``vatp`` or one's own). A ``policy`` other than
-        ``"snapkv"`` (:mod:`snapkv_ext.policies`) routes the model's attention through
+        ``tova``, ``vatp`` or one's own); ``store`` how each layer holds them (:mod:`snapkv_ext.stores`:
+        ``dense`` or ``ragged``; unset, what the policy needs). A ``policy`` other than
+        ``"snapkv"`` (:mod:`snapkv_ext.policies`), or the ragged store, routes the model's attention through
         :mod:`snapkv_ext.routing` (the model's own attention for everything but this cache's layers).
     """
 
@@ -140,14 +140,14 @@ class SnapKVCache(LayerMajorCache):
                  kernel_size: int = DEFAULT_KERNEL_SIZE, pooling: str = "max", *, config: Optional[SnapKVConfig] = None,
                  compression_ratio: Optional[float] = None, group_reduce: str = "mean", recompress: bool = True,
                  use_reference: bool = False, decode_reserve: int = 128, policy="snapkv", scorer="snapkv",
-                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64):
+                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64, store=None):
         if config is None:
             config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, window_size=window_size,
                                   kernel_size=kernel_size, pooling=pooling, group_reduce=group_reduce,
                                   compression_ratio=compression_ratio, recompress=recompress,
                                   use_reference=use_reference, decode_reserve=decode_reserve, policy=policy,
                                   scorer=scorer, max_capacity_decode=max_capacity_decode,
-                                  decode_interval=decode_interval)
+                                  decode_interval=decode_interval, store=store)
         elif not isinstance(config, SnapKVConfig):
             raise ValueError(f"config must be a SnapKVConfig, got {type(config).__name__}")
         self.config = config
@@ -163,7 +163,7 @@ class SnapKVCache(LayerMajorCache):
                           f"({attention[0].sliding_window} tokens); those layers keep their window and "
                           "nothing is compressed", stacklevel=2)
         self.memory = PrefillMemory()
-        self._routed = type(config.policy) is not SelectionPolicy
+        self._routed = not config.one_layout
         if self._routed or (config.max_capacity_decode is not None and routing.routable(model)):
             # A decode budget takes its window's queries from the routed attention (routing.tap).
             routing.route(model)
@@ -183,7 +183,7 @@ class SnapKVCache(LayerMajorCache):
     def _new_layer(self, attention: AttentionLayer) -> CacheLayerMixin:
         if attention.sliding_window is not None:
             return SlidingWindowLayer(attention.layer_idx, attention.sliding_window, self.memory, attention)
-        kind = RaggedSnapKVLayer if self.config.policy.per_head else SnapKVLayer
+        kind = stores.layer_class(self.config.store)
         return kind(self.config, attention, self.memory, self._model_name,
                     rank=self._global.index(attention.layer_idx), num_global=len(self._global))
 
@@ -247,6 +247,7 @@ class SnapKVCache(LayerMajorCache):
             "kept_entries": [lay.kept_entries() for lay in self.layers],
             "policy": getattr(self.config.policy, "name", type(self.config.policy).__name__),
             "scorer": getattr(self.config.scorer, "name", type(self.config.scorer).__name__),
+            "store": stores.name(self.config.store),
             "kv_bytes": kv_bytes,
             "allocated_bytes": sum(lay.allocated_bytes() for lay in layers),
             "full_kv_bytes": full_bytes,

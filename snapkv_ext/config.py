@@ -52,6 +52,11 @@ class SnapKVConfig:
     layer holds more than ``max_capacity_decode + decode_interval`` entries, it re-selects down to
     ``max_capacity_decode`` (spread over layers and heads by the policy) with the scorer and the
     last ``window_size`` tokens' queries (generated ones), and frees the rest.
+
+    ``store``: how each global layer holds what it keeps, a name in
+    :data:`snapkv_ext.stores.STORES` (``dense``: every KV head at one length; ``ragged``: each
+    head its own length, nothing padded) or a store class of one's own; unset (None), the one the
+    policy needs (``ragged`` under a per-head policy, else ``dense``); stored resolved.
     """
 
     # Each setting once: its name, default, type and one line of help (the command line's flags,
@@ -73,6 +78,8 @@ class SnapKVConfig:
     max_capacity_decode: Optional[int] = _setting(
         None, int, "keep each layer within this many entries per KV head while generating (None: no bound)")
     decode_interval: int = _setting(64, int, "with max_capacity_decode: re-select every this many generated tokens")
+    store: Any = _setting(None, str, "how each layer holds what it keeps: dense or ragged (each KV head its own "
+                                     "length, no padding); unset: what the policy needs (docs/policies.md)")
 
     def __post_init__(self):
         def bad(msg):
@@ -109,12 +116,14 @@ class SnapKVConfig:
                 f"got {self.max_capacity_decode!r}")
         if not isinstance(self.decode_interval, int) or isinstance(self.decode_interval, bool) or self.decode_interval < 1:
             bad(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+        from . import stores
         from .policies import resolve
         from .scorers import resolve as resolve_scorer
 
         try:
             object.__setattr__(self, "policy", resolve(self.policy))
             object.__setattr__(self, "scorer", resolve_scorer(self.scorer))
+            object.__setattr__(self, "store", stores.resolve(self.store, self.policy))
         except ValueError as e:
             bad(str(e))
 
@@ -129,7 +138,17 @@ class SnapKVConfig:
 
         p, s = self.policy, self.scorer
         return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p),
-                    scorer=scorers.describe(s) if type(s) in scorers.SCORERS.values() else repr(s))
+                    scorer=scorers.describe(s) if type(s) in scorers.SCORERS.values() else repr(s),
+                    store=self.store if isinstance(self.store, str) else self.store.__name__)
+
+    @property
+    def one_layout(self) -> bool:
+        """Whether every global layer holds one length for all its KV heads and rows, the same in
+        each layer (the uniform policy on the dense store): what one 2D attention mask describes."""
+        from .policies import SelectionPolicy
+        from .stores import layer_class
+
+        return type(self.policy) is SelectionPolicy and not layer_class(self.store).per_head
 
     @property
     def reserve(self) -> int:

@@ -23,8 +23,8 @@ from torch import Tensor
 from .adapters import AttentionLayer, attention_layers
 from .cache import LayerMajorCache, SnapKVCache, cache_kwargs
 from .config import DEFAULT_KERNEL_SIZE, SnapKVConfig
-from .layers import RaggedSnapKVLayer, SlidingWindowLayer, SnapKVLayer
-from .policies import SelectionPolicy
+from . import stores
+from .layers import SlidingWindowLayer, SnapKVLayer
 
 try:
     from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
@@ -131,11 +131,6 @@ class DocumentLayer(SnapKVLayer):
         self.backing = None
 
 
-class RaggedDocumentLayer(DocumentLayer, RaggedSnapKVLayer):
-    """A document-backed global layer under a per-head policy: the first prefill selects from the
-    document plus the question into the ragged store (:class:`RaggedSnapKVLayer`)."""
-
-
 class DocumentCache(SnapKVCache):
     """A SnapKVCache whose layers start from a :class:`SnapKVDocument`: global layers backed by
     the document's full KV, sliding layers holding the document's last window."""
@@ -150,7 +145,7 @@ class DocumentCache(SnapKVCache):
             layer = SlidingWindowLayer(i, attention.sliding_window, self.memory, attention)
             layer.preload(d.keys[i], d.values[i], d.length)
             return layer
-        kind = RaggedDocumentLayer if self.config.policy.per_head else DocumentLayer
+        kind = stores.document_layer_class(self.config.store)
         return kind(self.config, attention, self.memory, self._model_name, d.keys[i], d.values[i], d.q_tails[i],
                     rank=self._global.index(i), num_global=len(self._global))
 
@@ -164,9 +159,9 @@ class SnapKVDocument:
     input_ids : Tensor [1, L] or [L]
         The document's token ids (one document; questions are batched in :meth:`generate`).
     max_capacity_prompt, compression_ratio, window_size, kernel_size, pooling, group_reduce, policy, scorer,
-    max_capacity_decode, decode_interval :
+    max_capacity_decode, decode_interval, store :
         SnapKV settings applied to document + question (see :class:`SnapKVConfig`); :meth:`save`
-        keeps a built-in policy and scorer, not one of one's own.
+        keeps a built-in policy, scorer and store, not one of one's own.
     max_question_tokens : int
         Longest question accepted (default 2048).
     chunk_size : int, optional
@@ -181,12 +176,12 @@ class SnapKVDocument:
                  compression_ratio: Optional[float] = None, window_size: int = 32, kernel_size: int = DEFAULT_KERNEL_SIZE,
                  pooling: str = "max", group_reduce: str = "mean", max_question_tokens: int = 2048,
                  decode_reserve: int = 128, chunk_size: Optional[int] = None, policy="snapkv", scorer="snapkv",
-                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64):
+                 max_capacity_decode: Optional[int] = None, decode_interval: int = 64, store=None):
         self.config = SnapKVConfig(max_capacity_prompt=max_capacity_prompt, compression_ratio=compression_ratio,
                                    window_size=window_size, kernel_size=kernel_size, pooling=pooling,
                                    group_reduce=group_reduce, decode_reserve=decode_reserve, policy=policy,
                                    scorer=scorer, max_capacity_decode=max_capacity_decode,
-                                   decode_interval=decode_interval)
+                                   decode_interval=decode_interval, store=store)
         if not isinstance(max_question_tokens, int) or max_question_tokens < 1:
             raise ValueError(f"max_question_tokens must be a positive integer, got {max_question_tokens!r}")
         ids = self._as_ids(input_ids, "input_ids")
@@ -231,9 +226,9 @@ class SnapKVDocument:
         from . import scorers
         from .policies import describe
 
-        # a policy or scorer of one's own: refused
+        # a policy, scorer or store of one's own: refused
         config = dict(self.config.to_dict(), policy=describe(self.config.policy),
-                      scorer=scorers.describe(self.config.scorer))
+                      scorer=scorers.describe(self.config.scorer), store=stores.describe(self.config.store))
         torch.save(dict(format=self.FORMAT, fingerprint=self._fingerprint(self.model), config=config, max_question_tokens=self.max_question_tokens,
                         input_ids=self.input_ids.cpu(), keys=[k.cpu() for k in self.keys],
                         values=[v.cpu() for v in self.values], q_tails=[q.cpu() for q in self.q_tails]), path)
@@ -444,9 +439,8 @@ class SnapKVDocument:
         return self._generate_batch(questions, max_new_tokens)
 
     def _generate_batch(self, questions: List[Tensor], max_new_tokens: int) -> List[List[int]]:
-        if any(a.sliding_window is not None for a in self._attention) \
-                or type(self.config.policy) is not SelectionPolicy:
-            # Sliding and global layers (or, under a budget policy, layers and heads) hold different
+        if any(a.sliding_window is not None for a in self._attention) or not self.config.one_layout:
+            # Sliding and global layers (or, under a budget policy or the ragged store, layers and heads) hold different
             # lengths, which one left-padded 2D mask cannot describe: each question is decoded on
             # its own (same answers, no batching).
             return [self.generate(q, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()

@@ -80,6 +80,8 @@ class SnapKVLayer(_ReindexableLayer):
     is_compileable = False
     is_sliding = False
     is_croppable = False
+    # The store's capability (snapkv_ext.stores): every KV head of the layer at one length.
+    per_head = False
 
     def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory: PrefillMemory, model_name: str,
                  rank: int = 0, num_global: int = 1):
@@ -421,12 +423,14 @@ def _segment_index(lengths: Tensor):
 
 
 class RaggedSnapKVLayer(SnapKVLayer):
-    """A global layer under a per-head policy (AdaKV): each (batch row, KV head) keeps its own number
-    of entries, stored exactly. Until its first selection it is a dense :class:`SnapKVLayer`; after,
+    """The ``ragged`` store (:mod:`snapkv_ext.stores`; the one a per-head policy such as AdaKV needs):
+    each (batch row, KV head) keeps its own number of entries, stored exactly. Until its first selection it is a dense :class:`SnapKVLayer`; after,
     one flat store ``[rows, D]`` (keys, values, positions) holds segment ``(b, h)`` at rows
     ``starts[b, h] ..`` ``+ lengths[b, h]`` with ``decode_reserve`` free rows after each (amortised
     growth, like the dense buffer). Left padding is never stored. Decoding appends in place and
     attends through :func:`snapkv_ext.ops.ragged_attention` (:mod:`snapkv_ext.routing`)."""
+
+    per_head = True  # the store holds each KV head at its own length (snapkv_ext.stores)
 
     def __init__(self, *args, **kwargs):
         self._lengths: Optional[Tensor] = None

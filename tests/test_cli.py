@@ -362,7 +362,7 @@ def test_settings_flags_are_the_config_fields():
             assert a.type is f.metadata["type"] and a.help.startswith(f.metadata["help"]), (command, f.name)
             want = CHOSEN_DEFAULTS.get((command, f.name), f.default)
             assert a.default == want, (command, f.name, a.default)
-    assert {"max_capacity_prompt", "window_size", "kernel_size", "pooling", "policy", "scorer"} <= seen
+    assert {"max_capacity_prompt", "window_size", "kernel_size", "pooling", "policy", "scorer", "store"} <= seen
 
 
 def test_cuda_without_gpu_is_a_clear_error(tmp_path, capsys):

@@ -47,13 +47,13 @@ def test_a_budget_at_or_above_the_length_changes_nothing():
     assert cache.stats()["compressions"] == [0, 0]
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "pyramidkv", "adakv"])
-def test_bounded_while_generating(policy):
+@pytest.mark.parametrize("policy,store", [("snapkv", None), ("pyramidkv", None), ("adakv", None), ("snapkv", "ragged")])
+def test_bounded_while_generating(policy, store):
     """Every generated token: at most budget + interval entries per head (the layer's policy share;
     the prompt's selection keeps max_capacity_prompt until the first step); after a re-selection the
-    buffers are the budget plus the interval, not the tokens generated."""
+    buffers are the budget plus the interval, not the tokens generated; on either store."""
     model = tiny_model("llama", layers=3)
-    cache = SnapKVCache(model, **DECODE, policy=policy)
+    cache = SnapKVCache(model, **DECODE, policy=policy, store=store)
     out, held = generate(model, prompt(100), cache, 150)
     caps = [lay.decode_capacity() for lay in cache.layers]
     assert held[0] == max(min(100, lay.capacity_for(100)) for lay in cache.layers)  # after the prompt
@@ -61,6 +61,8 @@ def test_bounded_while_generating(policy):
     assert all(c > 1 for c in cache.stats()["compressions"])
     entry = cache.layers[0].entry_bytes()
     assert cache.stats()["allocated_bytes"] == sum(c + cache.config.reserve for c in caps) * entry
+    if store is not None:  # the same re-selections as on the policy's own store
+        assert torch.equal(out, generate(model, prompt(100), SnapKVCache(model, **DECODE, policy=policy), 150)[0])
 
 
 def _model_queries(model, layer_idx):

@@ -23,14 +23,32 @@ def one_shot(model, ids, mask=None, **settings):
     return cache, logits
 
 
+def _keys_by_position(layer):
+    """A layer's kept keys, each (row, KV head)'s in position order, and their positions: from the
+    dense buffer, or the ragged store's segments (padded with zeros and position -1 at the end)."""
+    if getattr(layer, "ragged", False):
+        B, H = layer._lengths.shape
+        rows = layer._rows(layer._starts, layer._lengths)
+        seg = torch.repeat_interleave(torch.arange(B * H), layer._lengths.flatten())
+        pos = layer._rp[rows]
+        order = torch.argsort(seg * (int(pos.max()) + 1) + pos)
+        n = int(layer._lengths.max())
+        inner = torch.arange(rows.numel()) - torch.repeat_interleave(
+            torch.cumsum(layer._lengths.flatten(), 0) - layer._lengths.flatten(), layer._lengths.flatten())
+        keys = layer._rk.new_zeros(B * H, n, layer._rk.shape[1])
+        p = pos.new_full((B * H, n), -1)
+        keys[seg, inner], p[seg, inner] = layer._rk[rows][order], pos[order]
+        return keys.view(B, H, n, -1), p.view(B, H, n)
+    ps = layer.positions.sort(-1)
+    return layer.keys.gather(2, ps.indices[..., None].expand(-1, -1, -1, layer.keys.shape[-1])), ps.values
+
+
 def assert_same_cache(a, b):
     assert a.get_seq_length() == b.get_seq_length()
     for i, (x, y) in enumerate(zip(a.layers, b.layers)):
         assert x.held_entries() == y.held_entries(), f"layer {i}"
-        px, py = x.positions.sort(-1), y.positions.sort(-1)
-        assert torch.equal(px.values, py.values), f"layer {i}: kept positions differ"
-        kx = x.keys.gather(2, px.indices[..., None].expand(-1, -1, -1, x.keys.shape[-1]))
-        ky = y.keys.gather(2, py.indices[..., None].expand(-1, -1, -1, y.keys.shape[-1]))
+        (kx, px), (ky, py) = _keys_by_position(x), _keys_by_position(y)
+        assert torch.equal(px, py), f"layer {i}: kept positions differ"
         # float32 rounding relative to the keys' scale: chunks sum attention in another order
         torch.testing.assert_close(kx, ky, rtol=1e-4, atol=1e-5 * max(1.0, ky.abs().max().item()))
 

@@ -1,5 +1,7 @@
-"""Per-head budgets on a ragged cache: decoding equals the model's own attention over the full
-cache with each head masked to what it keeps (the masked, kvpress-style oracle)."""
+"""Per-head budgets on a ragged cache, and every store under every policy it can hold: decoding
+equals the model's own attention over the full cache with each head masked to what it keeps (the
+masked, kvpress-style oracle)."""
+import re
 import sys
 
 import pytest
@@ -9,7 +11,14 @@ from conftest import greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache, reference
 from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.layers import RaggedSnapKVLayer
+from snapkv_ext import policies
+from snapkv_ext.stores import STORES
 from snapkv_ext.tools.models import TINY_CONFIGS, tiny_model
+
+# Every store (snapkv_ext.stores.STORES) with every policy it can hold: a new store or policy is in
+# the table by being registered.
+STORE_POLICIES = [(s, p) for s in STORES for p in policies.POLICIES
+                  if STORES[s].per_head or not policies.POLICIES[p].per_head]
 
 
 def _masked_attention_factory(keep, L):
@@ -46,14 +55,15 @@ def _keep_sets(cache, L):
     return keep
 
 
-@pytest.mark.parametrize("policy", ["adakv", "ada-pyramidkv", "pyramidkv"])
-def test_decode_equals_masked_full_cache(policy):
+@pytest.mark.parametrize("store,policy", STORE_POLICIES)
+def test_decode_equals_masked_full_cache(store, policy):
     from transformers import AttentionInterface, DynamicCache
 
     model = tiny_model("llama", layers=3)
     L, steps = 200, 5
     ids = prompt(L)
-    cache = SnapKVCache(model, max_capacity_prompt=64, window_size=8, policy=policy)
+    cache = SnapKVCache(model, max_capacity_prompt=64, window_size=8, policy=policy, store=store)
+    assert all(type(layer) is STORES[store] for layer in cache.layers)
     with torch.no_grad():
         out = model(ids, **cache_kwargs(model, cache))
         logits, nxt = [out.logits[:, -1]], out.logits[:, -1].argmax(-1, keepdim=True)
@@ -64,8 +74,8 @@ def test_decode_equals_masked_full_cache(policy):
             logits.append(out.logits[:, -1])
             toks.append(nxt)
     keep = _keep_sets(cache, L)
-    if policy != "pyramidkv":
-        assert all(isinstance(layer, RaggedSnapKVLayer) and layer.ragged for layer in cache.layers)
+    assert all(layer.ragged for layer in cache.layers if isinstance(layer, RaggedSnapKVLayer))
+    if policies.POLICIES[policy].per_head:
         lengths = cache.layers[0].kept_lengths()
         assert lengths.sum() == 2 * (cache.layers[0].capacity_for(L) + steps) and len(set(lengths.flatten().tolist())) > 1, \
             "the heads keep different numbers of entries, the layer the uniform total"
@@ -112,6 +122,59 @@ def test_left_padded_rows_equal_rows_alone():
     batch = greedy(model, ids, SnapKVCache(model, **kw), attention_mask=mask)
     for i, r in enumerate(rows):
         assert torch.equal(batch[i:i + 1], greedy(model, r, SnapKVCache(model, **kw))), f"row {i}"
+
+
+def test_the_ragged_store_keeps_no_padding_under_the_uniform_policy():
+    """SnapKV's uniform policy on the ragged store: the same tokens and kept positions as on the
+    dense store, without the padding a row shorter than the budget costs the dense one."""
+    model = tiny_model("llama", layers=2)
+    rows = [prompt(200, seed=1), prompt(40, seed=2)]
+    ids, mask = left_pad(rows)
+    kw = dict(max_capacity_prompt=64, window_size=8, decode_reserve=16)
+    dense, ragged = SnapKVCache(model, **kw), SnapKVCache(model, **kw, store="ragged")
+    assert torch.equal(greedy(model, ids, dense, attention_mask=mask), greedy(model, ids, ragged, attention_mask=mask))
+    n = dense.get_seq_length() - 200  # tokens decoded after the prompt
+    H, D = model.config.num_key_value_heads, model.config.head_dim
+    for i, (a, b) in enumerate(zip(dense.layers, ragged.layers)):
+        assert b.ragged and torch.equal(b.kept_lengths(), torch.tensor([[64 + n] * H, [40 + n] * H])), f"layer {i}"
+        for r in range(2):
+            for h in range(H):
+                assert sorted(p for p in b.positions[r, h].tolist() if p >= 0) == \
+                    sorted(p for p in a.positions[r, h].tolist() if p >= 200 - 40 * r or r == 0), (i, r, h)
+        assert a.nbytes() == 2 * 2 * H * (64 + n) * D * 4, "dense: the short row padded to the longest"
+        assert b.nbytes() == 2 * H * (64 + 40 + 2 * n) * D * 4, "ragged: exactly what is kept"
+    assert ragged.stats()["store"] == "ragged" and dense.stats()["store"] == "dense"
+
+
+def test_stores_refused_in_one_line(tmp_path):
+    from snapkv_ext import SnapKVDocument
+
+    model = tiny_model("llama", layers=2)
+    for kw, msg in [(dict(policy="adakv", store="dense"), "store 'dense' holds every KV head of a layer at one "
+                     "length, and policy 'adakv' gives each head its own count: use store='ragged'"),
+                    (dict(store="paged"), "store must be one of dense, ragged or a SnapKVLayer subclass, got 'paged'"),
+                    (dict(store=dict), "store must be one of dense, ragged or a SnapKVLayer subclass, got <class 'dict'>")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            SnapKVCache(model, max_capacity_prompt=32, window_size=8, **kw)
+
+    class Mine(RaggedSnapKVLayer):
+        """A store of one's own: the ragged one, counting its lay-outs."""
+        lay_outs = 0
+
+        def _lay_out(self, *args):
+            type(self).lay_outs += 1
+            super()._lay_out(*args)
+
+    kw = dict(max_capacity_prompt=32, window_size=8, policy="adakv")
+    cache = SnapKVCache(model, **kw, store=Mine)
+    want = SnapKVCache(model, **kw)
+    ids = prompt(100)
+    assert torch.equal(greedy(model, ids, cache), greedy(model, ids, want))
+    assert Mine.lay_outs == 2 and cache.stats()["store"] == "Mine"
+    d = SnapKVDocument(model, ids, **kw, store=Mine)
+    assert d.config.to_dict()["store"] == "Mine"
+    with pytest.raises(ValueError, match="store Mine is not a built-in store .dense, ragged.: it cannot be saved"):
+        d.save(tmp_path / "doc")
 
 
 # ---- every policy, every family: the selection is SnapKV's from the model's own attention ----

@@ -12,6 +12,7 @@ from conftest import greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache, SnapKVConfig, SnapKVDocument, reference, scorers
 from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.prefill import prefill
+from snapkv_ext.stores import STORES
 from snapkv_ext.tools.models import tiny_model
 
 W, C = 8, 40  # observation window, kept entries per KV head
@@ -75,10 +76,10 @@ def distinct(n, seed):
     return torch.randperm(1024, generator=torch.Generator().manual_seed(seed))[:n][None]
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "adakv"])
+@pytest.mark.parametrize("policy,store", [("snapkv", "dense"), ("snapkv", "ragged"), ("adakv", "ragged")])
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3", "gemma2"])
 @pytest.mark.parametrize("name", sorted(ORACLES))
-def test_selection_equals_the_oracle_on_the_models_own_attention(name, arch, policy):
+def test_selection_equals_the_oracle_on_the_models_own_attention(name, arch, policy, store):
     model = tiny_model(arch, layers=3, vocab=1024, attn_implementation="eager")
     g = torch.Generator().manual_seed(0)
     for m in model.modules():  # a key norm at its initial weights gives every key the same norm
@@ -86,7 +87,7 @@ def test_selection_equals_the_oracle_on_the_models_own_attention(name, arch, pol
             m.k_norm.weight.data.copy_(torch.rand(m.k_norm.weight.shape, generator=g) + 0.5)
     ids, mask = left_pad([distinct(150, 1), distinct(120, 2)])
     probs, kv, kw = model_sees(model, ids, mask)
-    cache = SnapKVCache(model, max_capacity_prompt=C, window_size=W, policy=policy, scorer=name)
+    cache = SnapKVCache(model, max_capacity_prompt=C, window_size=W, policy=policy, scorer=name, store=store)
     with torch.no_grad():
         model(ids, **kw, **cache_kwargs(model, cache))
     pad = (mask == 0).sum(1)
@@ -136,14 +137,16 @@ def test_scores_on_awkward_inputs(name):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("store", sorted(STORES))
 @pytest.mark.parametrize("name", sorted(ORACLES))
-def test_generate_prefill_and_document(name):
-    """Every scorer in generate() (a left-padded batch: each row as if alone), layer-major prefill
-    (the same cache as one-shot) and the document API (the same answer as from scratch)."""
+def test_generate_prefill_and_document(name, store):
+    """Every scorer on every store in generate() (a left-padded batch: each row as if alone),
+    layer-major prefill (the same cache as one-shot) and the document API (the same answer as from
+    scratch)."""
     from test_prefill import assert_same_cache, one_shot
 
     model = tiny_model("llama", layers=3)
-    settings = dict(max_capacity_prompt=64, window_size=16, scorer=name)
+    settings = dict(max_capacity_prompt=64, window_size=16, scorer=name, store=store)
     rows = [prompt(200, seed=1), prompt(150, seed=2)]
     ids, mask = left_pad(rows)
     both = greedy(model, ids, SnapKVCache(model, **settings), n=6, attention_mask=mask)
@@ -156,7 +159,7 @@ def test_generate_prefill_and_document(name):
     assert_same_cache(ref, cache)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     doc_ids, question = prompt(220, seed=5), prompt(20, seed=6)
-    doc = SnapKVDocument(model, doc_ids, scorer=name, max_capacity_prompt=64, window_size=16)
+    doc = SnapKVDocument(model, doc_ids, scorer=name, max_capacity_prompt=64, window_size=16, store=store)
     want = greedy(model, torch.cat([doc_ids, question], 1), SnapKVCache(model, **settings), n=6)
     assert torch.equal(doc.generate(question, max_new_tokens=6, do_sample=False), want)
     assert cache.stats()["scorer"] == name

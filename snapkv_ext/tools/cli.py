@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 from ..config import GROUP_REDUCES, POOLINGS
 from ..policies import POLICIES
 from ..scorers import SCORERS
+from ..stores import STORES
 
 EXIT_USAGE = 2
 
@@ -55,7 +56,7 @@ def _common(p: argparse.ArgumentParser, out_default: str = "snapkv-out") -> None
 _CONFIG_DEFAULT = object()
 # The values a setting's flag offers (the rest take any value of their type).
 _CHOICES = {"pooling": lambda: list(POOLINGS), "group_reduce": lambda: list(GROUP_REDUCES),
-            "policy": lambda: list(POLICIES), "scorer": lambda: list(SCORERS)}
+            "policy": lambda: list(POLICIES), "scorer": lambda: list(SCORERS), "store": lambda: list(STORES)}
 
 
 def _setting_flag(p, name: str, default=_CONFIG_DEFAULT):
@@ -78,7 +79,8 @@ def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional
     g = p.add_mutually_exclusive_group()
     _setting_flag(g, "max_capacity_prompt", max_capacity_prompt_default)
     _setting_flag(g, "compression_ratio")
-    for name in ("window_size", "kernel_size", "pooling", "policy", "scorer", "max_capacity_decode", "decode_interval"):
+    for name in ("window_size", "kernel_size", "pooling", "policy", "scorer", "store", "max_capacity_decode",
+                 "decode_interval"):
         _setting_flag(p, name)
 
 
@@ -258,7 +260,8 @@ def _method(args):
     from .evaluate import Method
 
     kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling, policy=args.policy,
-              scorer=args.scorer, max_capacity_decode=args.max_capacity_decode, decode_interval=args.decode_interval)
+              scorer=args.scorer, max_capacity_decode=args.max_capacity_decode, decode_interval=args.decode_interval,
+              store=args.store)
     name = args.policy if args.scorer == "snapkv" else f"{args.scorer}+{args.policy}"
     if args.compression_ratio is not None:
         return Method(f"{name}-{int(round(args.compression_ratio * 100))}%",

@@ -37,6 +37,7 @@ class Method:
     scorer: object = "snapkv"
     max_capacity_decode: Optional[int] = None
     decode_interval: int = 64
+    store: object = None
 
     @staticmethod
     def full() -> "Method":
@@ -52,7 +53,8 @@ class Method:
         return SnapKVConfig(max_capacity_prompt=self.max_capacity_prompt, compression_ratio=self.compression_ratio,
                             window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling,
                             policy=self.policy, group_reduce=self.group_reduce, scorer=self.scorer,
-                            max_capacity_decode=self.max_capacity_decode, decode_interval=self.decode_interval)
+                            max_capacity_decode=self.max_capacity_decode, decode_interval=self.decode_interval,
+                            store=self.store)
 
     def compresses(self, prompt_len: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens is compressed (the full cache never is; SnapKV
