@@ -1,6 +1,7 @@
 // The one schema block of the `snapkv` op library: the whole native API on one screen.
 // Kernels are registered per device in ops.cpp (CPU) and cuda/ (CUDA); fake (meta)
-// implementations for torch.compile live in snapkv_ext/ops.py.
+// implementations for torch.compile live in snapkv_ext/ops.py, and so do the allocating ops
+// (snapkv::compact, snapkv::snapkv_compress), defined there over the _into ops below.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,13 +16,10 @@ TORCH_LIBRARY(snapkv, m) {
   m.def("pool_scores(Tensor scores, int kernel_size, str pooling='max', Tensor? pad_lengths=None) -> Tensor");
   // Top-k positions per row [B,H,N] -> [B,H,k] int64, sorted by position, ties to the lower one.
   m.def("select_topk(Tensor scores, int k) -> Tensor");
-  // Gather kept rows then the last w rows: -> keys, values [B,H_kv,k+w,D].
-  m.def("compact(Tensor keys, Tensor values, Tensor indices, int window_size) -> (Tensor, Tensor)");
-  // compact() into caller-owned buffers [B,H_kv,k+w,D].
+  // Gather kept rows then the last w rows into caller-owned buffers [B,H_kv,k+w,D].
   m.def("compact_into(Tensor keys, Tensor values, Tensor indices, int window_size, Tensor(a!) keys_out, Tensor(b!) values_out) -> ()");
-  // The fused path: -> keys, values [B,H_kv,C',D] and kept positions [B,H_kv,C'], C' = min(L, capacity).
-  m.def("snapkv_compress(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> (Tensor, Tensor, Tensor)");
-  // The fused path into caller-owned keys_out, values_out [B,H_kv,C',D] -> kept positions [B,H_kv,C'].
+  // The fused path (score, pool, top-k, compact) into caller-owned keys_out, values_out [B,H_kv,C',D],
+  // C' = min(L, max_capacity_prompt) -> kept positions [B,H_kv,C'].
   m.def("snapkv_compress_into(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, Tensor(a!) keys_out, Tensor(b!) values_out, int kernel_size=7, str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, float? softcap=None) -> Tensor");
   // Causal attention of q [B,H_q,n,D] over a ragged per-head store keys/values [N,D] (segments starts/lengths [B,H_kv]) -> [B,H_q,n,D].
   m.def("ragged_attention(Tensor q, Tensor keys, Tensor values, Tensor starts, Tensor lengths, float scale, float? softcap=None) -> Tensor");

@@ -16,19 +16,22 @@
 
 namespace snapkv {
 
-void advise_huge_pages(const at::Tensor& fresh) {
+void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   // SNAPKV_CPU_NO_HUGE_PAGES=1 turns the advice off (bench_ops.py does, to count memory by RSS:
   // Linux folds a few 2 MB faults into the RSS counters too late for a precise reading).
   static const bool off = cpu::env_flag("SNAPKV_CPU_NO_HUGE_PAGES");
-  if (off || !fresh.is_cpu() || fresh.nbytes() < 2 * kHuge) return;
-  const auto p = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + fresh.nbytes()) & ~(kHuge - 1);
-  // Only whole 2 MB pages inside the tensor; the result is ignored, as the advice is a hint.
+  if (off || !t.is_cpu() || !t.has_storage()) return;
+  // The whole buffer under t (t may be a view into it, e.g. the front of a cache's buffer).
+  const auto& storage = t.storage();
+  if (storage.data() == nullptr || storage.nbytes() < 2 * kHuge) return;
+  const auto p = reinterpret_cast<uintptr_t>(storage.data());
+  const uintptr_t first = (p + kHuge - 1) & ~(kHuge - 1), last = (p + storage.nbytes()) & ~(kHuge - 1);
+  // Only whole 2 MB pages inside the buffer; the result is ignored, as the advice is a hint.
   if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #else
-  (void)fresh;
+  (void)t;
 #endif
 }
 

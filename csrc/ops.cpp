@@ -1,4 +1,4 @@
-// Device-independent op bodies (compact, the fused compress path) and the CPU registration.
+// Device-independent op bodies (compact_into, the fused compress path) and the CPU registration.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,14 +11,12 @@
 namespace snapkv {
 namespace {
 
-// Uninitialised keys/values outputs [B, H_kv, rows, D]; huge-page backed on CPU, where the page
-// faults of writing tens of MB otherwise cost more than the gather itself.
-std::pair<at::Tensor, at::Tensor> new_kv_outputs(const at::Tensor& keys, int64_t rows) {
-  auto keys_out = at::empty({keys.size(0), keys.size(1), rows, keys.size(3)}, keys.options());
-  auto values_out = at::empty_like(keys_out);
+// Ask for huge pages under the outputs' buffers (CPU, several MB: a hint), before they are
+// written: the page faults of writing tens of MB into fresh memory otherwise cost more than the
+// gather itself. The buffers are the caller's (the allocating ops' fresh outputs, or a cache).
+void advise_outputs(const at::Tensor& keys_out, const at::Tensor& values_out) {
   advise_huge_pages(keys_out);
   advise_huge_pages(values_out);
-  return {keys_out, values_out};
 }
 
 // Checks of the fused path's arguments (not the outputs); returns the window shape.
@@ -69,34 +67,13 @@ at::Tensor compress_checked(const Backend& be, const WindowShape& s, const at::T
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
-                                                const at::Tensor& values, const at::Tensor& indices,
-                                                int64_t window_size) {
-  check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
-  auto [keys_out, values_out] = new_kv_outputs(keys, indices.size(2) + window_size);
-  be.compact_into(keys, values, indices, window_size, keys_out, values_out);
-  return {keys_out, values_out};
-}
-
 void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
                        const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
                        const at::Tensor& values_out) {
   check_compact_args(keys, values, indices, window_size, /*check_values=*/true);
   check_kv_out(keys, values, indices.size(2) + window_size, "k + w", keys_out, values_out);
+  advise_outputs(keys_out, values_out);
   be.compact_into(keys, values, indices, window_size, keys_out, values_out);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
-    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
-    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale, c10::optional<double> softcap) {
-  const WindowShape s = check_compress_args(q_window, keys, values, max_capacity_prompt, kernel_size, pooling,
-                                            group_reduce, pad_lengths, scale, softcap);
-  auto [keys_out, values_out] = new_kv_outputs(keys, std::min(s.L, max_capacity_prompt));
-  auto positions = compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out,
-                                    kernel_size, pooling, group_reduce, pad_lengths, scale, softcap);
-  return {keys_out, values_out, positions};
 }
 
 at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
@@ -109,6 +86,7 @@ at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, con
                                             group_reduce, pad_lengths, scale, softcap);
   check_kv_out(keys, values, std::min(s.L, max_capacity_prompt), "min(L, max_capacity_prompt)", keys_out,
                values_out);
+  advise_outputs(keys_out, values_out);
   return compress_checked(be, s, q_window, keys, values, max_capacity_prompt, keys_out, values_out, kernel_size,
                           pooling, group_reduce, pad_lengths, scale, softcap);
 }

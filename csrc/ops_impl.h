@@ -67,28 +67,10 @@ at::Tensor select_topk_op(const at::Tensor& scores, int64_t k) {
 }
 
 template <const Backend& BE>
-std::tuple<at::Tensor, at::Tensor> compact_op(const at::Tensor& keys, const at::Tensor& values,
-                                              const at::Tensor& indices, int64_t window_size) {
-  NvtxRange r("snapkv::compact", keys);
-  return compact_with(BE, keys, values, indices, window_size);
-}
-
-template <const Backend& BE>
 void compact_into_op(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& indices,
                      int64_t window_size, const at::Tensor& keys_out, const at::Tensor& values_out) {
   NvtxRange r("snapkv::compact_into", keys);
   compact_into_with(BE, keys, values, indices, window_size, keys_out, values_out);
-}
-
-template <const Backend& BE>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_op(
-    const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    int64_t max_capacity_prompt, int64_t kernel_size, c10::string_view pooling,
-    c10::string_view group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale, c10::optional<double> softcap) {
-  NvtxRange r("snapkv::snapkv_compress", keys);
-  return compress_with(BE, q_window, keys, values, max_capacity_prompt, kernel_size,
-                       std::string(pooling), std::string(group_reduce), pad_lengths, scale, softcap);
 }
 
 template <const Backend& BE>
@@ -118,9 +100,7 @@ void register_device_ops(torch::Library& m) {
   m.impl("window_scores", TORCH_FN(window_scores_op<BE>));
   m.impl("pool_scores", TORCH_FN(pool_scores_op<BE>));
   m.impl("select_topk", TORCH_FN(select_topk_op<BE>));
-  m.impl("compact", TORCH_FN(compact_op<BE>));
   m.impl("compact_into", TORCH_FN(compact_into_op<BE>));
-  m.impl("snapkv_compress", TORCH_FN(compress_op<BE>));
   m.impl("snapkv_compress_into", TORCH_FN(compress_into_op<BE>));
   m.impl("ragged_attention", TORCH_FN(ragged_attention_op<BE>));
 }

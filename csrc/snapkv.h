@@ -3,39 +3,25 @@
 // Shapes use: B batch, H_q query heads, H_kv key/value heads (H_q % H_kv == 0), L prompt
 // length, D head dim, w observation window, k kept prefix positions.
 //
-// Adding an op `foo` (each step has a model in the existing ops; window_scores has them all):
-//  1. Schema: one `m.def("foo(...) -> ...")` line, with a one-line comment, in bindings.cpp (the
-//     only TORCH_LIBRARY block). Buffers the op writes are `Tensor(a!)`; optional scalars
-//     `float? x=None`.
-//  2. Checks: `check_foo_args` in checks.cpp, declared below: TORCH_CHECKs (SNAPKV_CHECK) whose
-//     messages name the argument and the value, shared by the CPU and CUDA entry points.
-//  3. Declarations, here: `foo_cpu` and, under SNAPKV_WITH_CUDA, `foo_cuda` with the same
-//     signature; a `decltype(&foo_cpu) foo;` member in struct Backend.
-//  4. CPU kernel: foo.cpp defines foo_cpu (work split with at::parallel_for via cpu_parallel.h,
-//     vector loops in cpu_math.h, per-element rules as SNAPKV_HD helpers in common.h).
-//  5. CUDA kernel: cuda/foo_kernels.cuh holds the kernels and a `template <class Exec> foo_run(Exec&
-//     ex, ...)` that plans and launches them with `ex.launch(name, kernel, LaunchShape, args...)`
-//     (shared memory only via dynamic_smem / SmemCarver, per-element math from common.h);
-//     cuda/foo.cu defines foo_cuda as foo_run on a CudaExec (cuda_exec.cuh). One .cu + _kernels.cuh
-//     per CPU .cpp; setup.py, CMakeLists.txt and tools/check_torch_compat.sh glob the sources.
-//  6. Backend tables: `foo_op<BE>` in ops_impl.h (NvtxRange, the checks, `BE.foo(...)`; a body
-//     that composes kernels goes in ops.cpp as a `*_with(const Backend&, ...)`, like compress_with)
-//     and its `m.impl` in register_device_ops; `&foo_cpu` in kCpuBackend (ops.cpp) and `&foo_cuda`
-//     in kCudaBackend (cuda/register_cuda.cpp), in Backend's member order.
-//  7. Python: in snapkv_ext/ops.py a typed wrapper with a numpy-style docstring (shapes, dtypes,
-//     units) and a `torch.library.register_fake` that checks what checks.cpp checks (the `_check`
-//     helpers, same messages) and returns the output shapes; export it in snapkv_ext/__init__.py
-//     (import and __all__).
-//  8. Reference: `foo` in snapkv_ext/reference.py, plain torch in float64, same arguments.
-//  9. Tests: tests/test_foo.py against the reference on every device (the `device` fixture,
-//     awkward sizes, conftest.py helpers); rows in tests/test_bad_inputs.py `cases` (they also run
-//     on meta tensors against the fake); an opcheck case in tests/test_opcheck_compile.py; for the
-//     CUDA kernel, an #include of foo_kernels.cuh and a binding in tests/cuda_sim/sim_ops.cpp
-//     (foo_run on a SimExec) and tests in tests/cuda_sim/test_sim_kernels.py (both thread orders,
-//     against the reference).
-// 10. Benchmark: a (name, ours, plain torch) case in make_cases of benchmarks/bench_ops.py (and,
-//     for a CUDA kernel, its bytes and FLOPs in benchmarks/roofline.py); a row in README.md's op
-//     table.
+// Adding an op `foo` (window_scores is the model for each step):
+//  1. Schema: one `m.def` line with a one-line comment in bindings.cpp. An op that produces KV
+//     writes into caller-owned buffers (`Tensor(a!)`, like compact_into); its allocating
+//     variant is a torch.library.custom_op over it in snapkv_ext/ops.py (like compact).
+//  2. Checks: `check_foo_args` in checks.cpp, declared below: SNAPKV_CHECKs naming the argument
+//     and the value, shared by every device.
+//  3. Kernels: `foo_cpu` in foo.cpp (cpu_parallel.h, cpu_math.h, per-element SNAPKV_HD helpers
+//     in common.h) and `foo_cuda` in cuda/foo.cu, a `foo_run(Exec&, ...)` template in
+//     cuda/foo_kernels.cuh launched with `ex.launch` (the sources are globbed); both declared
+//     below, a `foo` member in struct Backend, set in kCpuBackend (ops.cpp) and kCudaBackend
+//     (cuda/register_cuda.cpp).
+//  4. Entry point: `foo_op<BE>` in ops_impl.h (NvtxRange, the checks, `BE.foo`) and its
+//     `m.impl` in register_device_ops.
+//  5. Python: in snapkv_ext/ops.py a typed, documented wrapper and a `register_fake` with the
+//     same checks and messages; exported in __init__.py; `foo` in reference.py (float64).
+//  6. Tests and numbers: tests/test_foo.py against the reference on every device; rows in
+//     test_bad_inputs.py and test_opcheck_compile.py; the CUDA kernel bound in
+//     tests/cuda_sim/sim_ops.cpp and tested in tests/cuda_sim/test_sim_kernels.py; a case in
+//     benchmarks/bench_ops.py (bytes and FLOPs in roofline.py); a row in docs/ops.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -121,9 +107,10 @@ void compact_into_cpu_unchecked(const at::Tensor& keys, const at::Tensor& values
 at::Tensor ragged_attention_cpu(const RaggedShape& s, const at::Tensor& q, const at::Tensor& keys,
                                 const at::Tensor& values, const at::Tensor& starts, const at::Tensor& lengths,
                                 double scale, c10::optional<double> softcap);
-// A fresh, not yet written CPU tensor of several MB: ask Linux to back it with 2 MB pages, so
-// writing it takes one page fault per 2 MB instead of per 4 KB (a hint; no-op elsewhere).
-void advise_huge_pages(const at::Tensor& fresh);
+// The buffer under a CPU tensor of several MB, before it is written: ask Linux to back it with
+// 2 MB pages, so writing it takes one page fault per 2 MB instead of per 4 KB (a hint; no-op
+// elsewhere and for pages already there).
+void advise_huge_pages(const at::Tensor& t);
 
 #ifdef SNAPKV_WITH_CUDA
 at::Tensor window_scores_cuda(const at::Tensor& q_window, const at::Tensor& keys,
@@ -151,22 +138,13 @@ struct Backend {
 };
 
 // Public op bodies (ops.cpp), parameterised by the device's kernels.
-std::tuple<at::Tensor, at::Tensor> compact_with(const Backend& be, const at::Tensor& keys,
-                                                const at::Tensor& values, const at::Tensor& indices,
-                                                int64_t window_size);
 void compact_into_with(const Backend& be, const at::Tensor& keys, const at::Tensor& values,
                        const at::Tensor& indices, int64_t window_size, const at::Tensor& keys_out,
                        const at::Tensor& values_out);
-// The fused path: scores -> pool (padding masked) -> top-k -> compact. Returns
-// (keys [B, H_kv, C', D], values [B, H_kv, C', D], kept positions [B, H_kv, C'] int64) with
-// C' = min(L, max_capacity_prompt); copies of the inputs when L <= max_capacity_prompt.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compress_with(
-    const Backend& be, const at::Tensor& q_window, const at::Tensor& keys, const at::Tensor& values,
-    int64_t max_capacity_prompt, int64_t kernel_size, const std::string& pooling,
-    const std::string& group_reduce, const c10::optional<at::Tensor>& pad_lengths,
-    c10::optional<double> scale, c10::optional<double> softcap);
-// The fused path into caller-owned keys_out/values_out [B, H_kv, C', D] (e.g. the front of a
-// preallocated cache); returns the kept positions [B, H_kv, C'] int64.
+// The fused path: scores -> pool (padding masked) -> top-k -> compact, into caller-owned
+// keys_out/values_out [B, H_kv, C', D] (e.g. the front of a preallocated cache), C' = min(L,
+// max_capacity_prompt) (copies of the inputs when L <= max_capacity_prompt); returns the kept
+// positions [B, H_kv, C'] int64.
 at::Tensor compress_into_with(const Backend& be, const at::Tensor& q_window, const at::Tensor& keys,
                               const at::Tensor& values, int64_t max_capacity_prompt,
                               const at::Tensor& keys_out, const at::Tensor& values_out, int64_t kernel_size,

@@ -87,9 +87,49 @@ def compact(keys: Tensor, values: Tensor, indices: Tensor, window_size: int) -> 
     """Gather the selected rows, then the last ``window_size`` rows.
 
     ``keys``/``values`` ``[B, H_kv, L, D]``, ``indices [B, H_kv, k]`` int64 in ``[0, L - w)``.
-    Returns keys and values ``[B, H_kv, k + w, D]``.
+    Returns keys and values ``[B, H_kv, k + w, D]``. (``torch.ops.snapkv.compact`` is the same op.)
     """
-    return _ops.compact(keys, values, indices, window_size)
+    return _compact(keys, values, indices, window_size)
+
+
+# ---- the allocating ops, torch.ops.snapkv.compact and .snapkv_compress: defined here over the
+# native _into ops, which check every argument (same messages as the fakes below) and fill the
+# outputs. The typed wrappers call the bodies directly (no second trip through the dispatcher).
+
+
+def _compact(keys: Tensor, values: Tensor, indices: Tensor, window_size: int) -> Tuple[Tensor, Tensor]:
+    if keys.dim() != 4 or indices.dim() != 3 or not 1 <= window_size < keys.shape[2]:
+        _check_compact(keys, values, indices, window_size)  # the outputs' shape needs these: raise here
+    keys_out, values_out = _kv_outputs(keys, indices.shape[2] + window_size)
+    _ops.compact_into(keys, values, indices, window_size, keys_out, values_out)
+    return keys_out, values_out
+
+
+def _snapkv_compress(q_window: Tensor, keys: Tensor, values: Tensor, max_capacity_prompt: int, kernel_size: int = 7,
+                     pooling: str = "max", group_reduce: str = "mean", pad_lengths: Optional[Tensor] = None,
+                     scale: Optional[float] = None, softcap: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    if keys.dim() != 4 or q_window.dim() != 4 or max_capacity_prompt < 1:
+        _check_compress(q_window, keys, values, max_capacity_prompt, kernel_size, pooling, group_reduce,
+                        pad_lengths, scale, softcap)
+    keys_out, values_out = _kv_outputs(keys, min(keys.shape[2], max_capacity_prompt))
+    positions = _ops.snapkv_compress_into(q_window, keys, values, max_capacity_prompt, keys_out, values_out,
+                                          kernel_size, pooling, group_reduce, pad_lengths, scale, softcap)
+    return keys_out, values_out, positions
+
+
+def _kv_outputs(keys: Tensor, rows: int) -> Tuple[Tensor, Tensor]:
+    shape = (keys.shape[0], keys.shape[1], rows, keys.shape[3])
+    return keys.new_empty(shape), keys.new_empty(shape)
+
+
+_compact_op = torch.library.custom_op(
+    "snapkv::compact", _compact, mutates_args=(),
+    schema="(Tensor keys, Tensor values, Tensor indices, int window_size) -> (Tensor, Tensor)")
+_snapkv_compress_op = torch.library.custom_op(
+    "snapkv::snapkv_compress", _snapkv_compress, mutates_args=(),
+    schema="(Tensor q_window, Tensor keys, Tensor values, int max_capacity_prompt, int kernel_size=7, "
+           "str pooling='max', str group_reduce='mean', Tensor? pad_lengths=None, float? scale=None, "
+           "float? softcap=None) -> (Tensor, Tensor, Tensor)")
 
 
 def compact_into(
@@ -125,9 +165,9 @@ def snapkv_compress(
     ``positions`` is ``0..L-1``. With padding, a row with fewer valid prefix positions than
     ``k`` keeps all of them plus its lowest padded positions, so the row stays left-padded.
     ``scale`` and ``softcap`` (e.g. Gemma 2's logit cap) shape the logits as in
-    :func:`window_scores`.
+    :func:`window_scores`. (``torch.ops.snapkv.snapkv_compress`` is the same op.)
     """
-    return _ops.snapkv_compress(
+    return _snapkv_compress(
         q_window, keys, values, max_capacity_prompt, kernel_size, pooling, group_reduce, pad_lengths, scale, softcap
     )
 
@@ -354,11 +394,10 @@ def _select_topk_fake(scores, k):
     return scores.new_empty((scores.shape[0], scores.shape[1], k), dtype=torch.int64)
 
 
-@torch.library.register_fake("snapkv::compact")
+@_compact_op.register_fake
 def _compact_fake(keys, values, indices, window_size):
     _check_compact(keys, values, indices, window_size)
-    shape = (keys.shape[0], keys.shape[1], indices.shape[2] + window_size, keys.shape[3])
-    return keys.new_empty(shape), values.new_empty(shape)
+    return _kv_outputs(keys, indices.shape[2] + window_size)
 
 
 @torch.library.register_fake("snapkv::compact_into")
@@ -368,7 +407,7 @@ def _compact_into_fake(keys, values, indices, window_size, keys_out, values_out)
     return None
 
 
-@torch.library.register_fake("snapkv::snapkv_compress")
+@_snapkv_compress_op.register_fake
 def _snapkv_compress_fake(
     q_window, keys, values, max_capacity_prompt, kernel_size=7, pooling="max", group_reduce="mean",
     pad_lengths=None, scale=None, softcap=None,
@@ -377,9 +416,7 @@ def _snapkv_compress_fake(
                     scale, softcap)
     B, H_kv, L, D = keys.shape
     c = min(L, max_capacity_prompt)
-    return keys.new_empty((B, H_kv, c, D)), values.new_empty((B, H_kv, c, D)), keys.new_empty(
-        (B, H_kv, c), dtype=torch.int64
-    )
+    return (*_kv_outputs(keys, c), keys.new_empty((B, H_kv, c), dtype=torch.int64))
 
 
 @torch.library.register_fake("snapkv::snapkv_compress_into")
