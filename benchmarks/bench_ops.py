@@ -53,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import snapkv_ext  # noqa: E402
+from common import write_json  # noqa: E402
 from snapkv_ext import ops  # noqa: E402
 
 CONFIGS = {
@@ -232,9 +233,8 @@ def make_decode_case(name, dtype, T, B, device):
     return ours, sdpa, 2 * kd.numel() * kd.element_size()
 
 
-def run_decode(args):
+def run_decode(args, emit):
     device = torch.device(args.device)
-    rows = []
     for name, (_, _, _, lengths, batches) in DECODE_CONFIGS.items():
         if args.decode_configs and name not in args.decode_configs:
             continue
@@ -246,11 +246,10 @@ def run_decode(args):
                     row = dict(config=name, dtype=dtype_name, B=B, T=T, op="ragged_attention", ours_ms=t_ours,
                                sdpa_ms=t_base, speedup=t_base / t_ours, kv_bytes=nbytes,
                                ours_gbs=nbytes / (t_ours * 1e-3) / 1e9)
-                    rows.append(row)
+                    emit(row)
                     print(f"{name:10s} {dtype_name:8s} B={B} T={T:5d} ragged_attention ours {t_ours * 1e3:8.1f} us  "
                           f"sdpa {t_base * 1e3:8.1f} us  sdpa/ours {t_base / t_ours:5.2f}x  "
                           f"ours {row['ours_gbs']:5.1f} GB/s", flush=True)
-    return rows
 
 
 def memory_child(args):
@@ -294,14 +293,15 @@ def key_copy_ms(k, device, reps):
 KEYS_READ_TARGET = 2.5  # window_scores time <= 2.5x reading the keys once at the copy bandwidth
 
 
-def run(args):
+def run(args, emit, meta):
+    """Every case of the sweep; each row goes to ``emit`` as it is measured."""
     device = torch.device(args.device)
     if device.type == "cuda":
         assert torch.cuda.is_available(), "--device cuda needs a GPU"
         assert snapkv_ext.has_cuda_kernels(), "snapkv_ext was built without its CUDA kernels"
-    rows = []
     bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     if bw:
+        meta["copy_bandwidth_gbs"] = bw
         print(f"measured copy bandwidth: {bw:.0f} GB/s (read + write)")
     for name in args.configs:
         for dtype_name in args.dtypes:
@@ -333,13 +333,12 @@ def run(args):
                                  f" at copy bw {row['key_copy_gbs']:.0f} GB/s"
                                  f" ({'meets' if row['vs_keys_read'] <= KEYS_READ_TARGET else 'misses'}"
                                  f" <= {KEYS_READ_TARGET}x)")
-                    rows.append(row)
+                    emit(row)
                     print(f"{name:10s} {dtype_name:8s} L={L:6d} {op:13s} ours {t_ours:8.2f} ms  torch {t_base:8.2f} ms"
                           f"  speedup {t_base / t_ours:5.2f}x  peak MB ours {m_ours:7.1f} torch {m_base:7.1f}"
                           f"  workspace MB ours {ws_ours:6.1f} torch {ws_base:7.1f}{extra}", flush=True)
                 del q, k, v
                 gc.collect()
-    return rows, bw
 
 
 def main():
@@ -370,22 +369,24 @@ def main():
     isas = [info["isa"]] if not args.cpu_isas else info["isas"] if args.cpu_isas == ["all"] else args.cpu_isas
     print(f"CPU: {info['model']} ({info['machine']}, {info['cores']} cores, flags {' '.join(info['flags'])}); "
           f"paths it runs: {', '.join(info['isas'])}; measuring: {', '.join(isas)}", flush=True)
-    rows, bw = [], None
+    rows = []
+    meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(), cpu=info, copy_bandwidth_gbs=None,
+                gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
+                date=time.strftime("%Y-%m-%d"), argv=sys.argv)
     for isa in isas:
+        def emit(row, isa=isa):
+            # The JSON is rewritten after every row: a run stopped part way keeps what it measured.
+            rows.append(dict(row, cpu_isa=isa))
+            if args.json:
+                write_json(args.json, dict(meta=meta, rows=rows))
+
         with snapkv_ext.forced_cpu_isa(isa):
             print(f"-- CPU path {isa}", flush=True)
             if args.decode:
-                part = run_decode(args)
+                run_decode(args, emit)
             else:
-                part, bw = run(args)
-        rows += [dict(row, cpu_isa=isa) for row in part]
-    if args.json:
-        meta = dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
-                    machine=platform.processor() or platform.machine(), cpu=info, copy_bandwidth_gbs=bw,
-                    gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
-                    date=time.strftime("%Y-%m-%d"), argv=sys.argv)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+                run(args, emit, meta)
 
 
 if __name__ == "__main__":

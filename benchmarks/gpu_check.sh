@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Everything to run when a GPU machine is lent: build with the CUDA kernels, the whole test suite
+# The first call on a lent GPU is benchmarks/gpu_check/first_contact.sh (one command, at most 8
+# minutes with the build, results kept as each step ends). This file is the longer look:
+# everything to run when a GPU machine is lent: build with the CUDA kernels, the whole test suite
 # (CUDA params included), compute-sanitizer (memcheck, racecheck, synccheck, initcheck) on the
 # CUDA op tests, the op benchmark, the end-to-end benchmarks, and Nsight Systems / Compute profiles.
 # Results land in $OUT (the device tool's output folder) or ./out.

@@ -27,10 +27,19 @@ def pytest_sessionfinish(session, exitstatus):
     for module in _sim_module:
         module.stop()
 
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")),
-]
+# A test on a real GPU: marked `gpu` (`pytest -m gpu` selects them, apart from the CPU execution of
+# the CUDA kernels in test_cuda_sim.py) and skipped where there is none.
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+
+
+def needs_gpu(test):
+    """Decorator: a test that runs only on a real GPU (see GPU)."""
+    for mark in GPU:
+        test = mark(test)
+    return test
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
 
 @pytest.fixture(params=DEVICES)

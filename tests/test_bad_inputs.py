@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import needs_gpu
+
 from snapkv_ext import ops
 
 
@@ -171,9 +173,8 @@ def test_compress_into_untouched_on_error(device):
     assert (ko == 0).all() and (vo == 0).all()
 
 
+@needs_gpu
 def test_device_mismatch():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU to mix devices")
     q, k = t(1, 4, 8, 64), t(1, 2, 50, 64, device="cuda")
     with pytest.raises(RuntimeError, match="same device"):
         ops.window_scores(q, k)

@@ -6,7 +6,7 @@ import torch
 
 from snapkv_ext import ops, reference as ref
 
-from conftest import randn
+from conftest import needs_gpu, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -142,7 +142,7 @@ def test_compress_into_preallocated_buffer(device, gen, dtype, L):
     assert (kbuf[:, :, n:] == 3).all() and (vbuf[:, :, n:] == 3).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@needs_gpu
 def test_cuda_million_tokens_int64_offsets():
     """L = 2^20 + 3 with B * H_kv * L * D > 2^31 elements: every offset past 2^31 must be int64.
     Scores are checked per head against a float64 computation on the GPU; the fused path keeps

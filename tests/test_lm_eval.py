@@ -10,10 +10,17 @@ import sys
 import pytest
 import torch
 
-import lm_eval  # the lm-eval extra is in requirements-dev.txt: these tests always run in CI
-from lm_eval import simple_evaluate
-from lm_eval.api.registry import get_model
-from lm_eval.tasks import TaskManager
+try:
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+except ImportError:
+    # The lm-eval extra is in requirements-dev.txt, and CI sets SNAPKV_REQUIRE_EXTRAS=1: there these
+    # tests always run. Elsewhere (the lent GPU machine has no lm_eval) they skip, with the reason.
+    if os.environ.get("SNAPKV_REQUIRE_EXTRAS") == "1":
+        raise
+    pytest.skip("lm_eval is not installed (the lm-eval extra: pip install -e '.[lm-eval]')", allow_module_level=True)
 
 from snapkv_ext import SnapKVCache, SnapKVConfig
 

@@ -6,7 +6,7 @@ import torch
 import snapkv_ext  # noqa: F401
 from snapkv_ext import ops
 
-from conftest import randn
+from conftest import needs_gpu, randn
 
 
 def small_case(device, gen):
@@ -67,7 +67,7 @@ def test_compile_fullgraph(device, gen):
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@needs_gpu
 def test_cuda_matches_cpu(gen):
     """The CUDA kernels and the CPU kernels keep the same entries (same selection rules)."""
     q = randn((2, 8, 32, 128), torch.bfloat16, "cpu", gen)

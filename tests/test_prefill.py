@@ -4,7 +4,7 @@ memory arithmetic; every bad input refused in one line, with the model and cache
 import pytest
 import torch
 
-from conftest import greedy, left_pad, prompt
+from conftest import DEVICES, greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache
 from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.document import SnapKVDocument
@@ -272,8 +272,7 @@ def test_document_save_and_load(tmp_path):
         SnapKVDocument.load(model, str(tmp_path / "other.pt"))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("device", DEVICES)
 def test_hidden_states_kept_on_the_cpu(device):
     """hidden_device="cpu": the hidden states in (pinned, with a GPU model) CPU memory, streamed per
     chunk: the same selection and logits."""

@@ -24,7 +24,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 # left out, so a renamed test file does not break the step.
 OPS_TESTS=()
 for f in tests/test_window_scores.py tests/test_pool_topk.py tests/test_compact.py tests/test_compress.py \
-         tests/test_bad_inputs.py tests/test_opcheck_compile.py; do
+         tests/test_ragged_attention.py tests/test_bad_inputs.py tests/test_opcheck_compile.py; do
   [ -f "$f" ] && OPS_TESTS+=("$f")
 done
 

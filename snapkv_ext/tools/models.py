@@ -249,6 +249,9 @@ RANDOM_SHAPES = {
                       num_attention_heads=32, num_key_value_heads=32),
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    # Not a real shape: the GPU scripts' dry run on the CPU (benchmarks/gpu_check/first_contact.sh).
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
 }
 
 
