@@ -375,15 +375,20 @@ __global__ void __launch_bounds__(kThreads)
     SoftmaxStat st[kMaxRowsPerWarp];
 #pragma unroll
     for (int m = 0; m < kMaxRowsPerWarp; ++m) st[m] = stat_empty();
+    // The window index of each row in 32 bits, from one 64-bit remainder per row block: a 64-bit
+    // remainder is a call to a ~70-instruction subroutine (tools/kernel_report.py), and this one
+    // was in the tile loop, per row.
+    const int w = static_cast<int>(dm.w), r0w = static_cast<int>(r0 % dm.w);
     stream_tiles(smem, lay, qf, kh, t0, t1, dm.L, dm, [&](int64_t t) {
 #pragma unroll
       for (int m = 0; m < kMaxRowsPerWarp; ++m) {
-        const int64_t rl = warp + m * kWarps;
+        const int rl = warp + m * kWarps;
         if (rl >= n) break;
-        const int64_t i = (r0 + rl) % dm.w;
+        const int i = (r0w + rl) % w;
 #pragma unroll
         for (int c = 0; c < kColsPerThread; ++c) {
-          const int64_t col = lane + 32 * c, j = t * kTK + col;
+          const int col = lane + 32 * c;
+          const int64_t j = t * kTK + col;
           if (j < dm.L && key_visible(j, i, dm.L, dm.w, p0))
             st[m] = stat_push(st[m], tile_logit<kCap>(s[rl * kSLd + col], dm));
         }
