@@ -133,13 +133,13 @@ class SnapKVConfig:
         :func:`snapkv_ext.scorers.describe`), one of one's own as its ``repr``."""
         from dataclasses import asdict
 
-        from . import scorers
+        from . import scorers, stores
         from .policies import POLICIES, describe
 
         p, s = self.policy, self.scorer
         return dict(asdict(self), policy=describe(p) if type(p) in POLICIES.values() else repr(p),
                     scorer=scorers.describe(s) if type(s) in scorers.SCORERS.values() else repr(s),
-                    store=self.store if isinstance(self.store, str) else self.store.__name__)
+                    store=stores.name(self.store))
 
     @property
     def one_layout(self) -> bool:
