@@ -308,7 +308,7 @@ def run(args, emit, meta):
             dtype = getattr(torch, dtype_name)
             for L in args.lengths:
                 q, k, v = make_inputs(name, dtype, L, args, device)
-                mem = cpu_memory(name, dtype_name, L, args) if device.type == "cpu" else None
+                mem = cpu_memory(name, dtype_name, L, args) if device.type == "cpu" and not args.no_memory else None
                 key_bytes = k.numel() * k.element_size()
                 copy_ms = (key_copy_ms(k, device, args.reps)
                            if device.type == "cuda" and (not args.ops or "window_scores" in args.ops) else None)
@@ -316,6 +316,8 @@ def run(args, emit, meta):
                     t_ours, t_base = paired_median_ms(ours, base, device, args.reps)
                     if mem is not None:
                         m_ours, ws_ours, m_base, ws_base = mem[op]
+                    elif device.type == "cpu":  # --no-memory
+                        m_ours = ws_ours = m_base = ws_base = float("nan")
                     else:
                         (m_ours, ws_ours), (m_base, ws_base) = peak_extra_mb(ours, device), peak_extra_mb(base, device)
                     row = dict(config=name, dtype=dtype_name, L=L, op=op, ours_ms=t_ours, torch_ms=t_base,
@@ -356,6 +358,8 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-memory", action="store_true",
+                   help="CPU: leave out the memory columns (each shape otherwise reads its RSS in a child process)")
     p.add_argument("--decode", action="store_true", help="ragged_attention vs SDPA on decode shapes")
     p.add_argument("--decode-configs", nargs="*", default=None, choices=sorted(DECODE_CONFIGS))
     p.add_argument("--cpu-isas", nargs="+", default=None,

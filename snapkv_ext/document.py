@@ -9,7 +9,7 @@ observation window, without re-reading the document.
 
 The document's full KV is computed once and kept off the fast path (in CPU memory, pinned when
 the model is on a GPU), one layer streamed in at a time. For each question a fresh SnapKVCache is
-backed by that store: in every layer the question's tokens attend to the document's full KV, then
+backed by it: in every layer the question's tokens attend to the document's full KV, then
 SnapKV selects over document + question with the question's own window (exactly what SnapKVCache
 would keep on the concatenated prompt from scratch), and only the budget stays resident.
 """
@@ -40,13 +40,13 @@ def _input_device(model) -> torch.device:
     return torch.device(device) if device is not None else embeddings.weight.device
 
 
-class _StoreLayer(DynamicLayer):
-    """Copies each update to the document store (a sliding layer: only the window the next token
-    sees) and keeps nothing on the device."""
+class _ReadingLayer(DynamicLayer):
+    """Copies each update to the document's full KV, off the device (a sliding layer: only the
+    window the next token sees), and keeps nothing on the device."""
 
-    def __init__(self, store: list, pin: bool, sliding_window: Optional[int]):
+    def __init__(self, read: list, pin: bool, sliding_window: Optional[int]):
         super().__init__()
-        self._store, self._pin, self._window = store, pin, sliding_window
+        self._copies, self._pin, self._window = read, pin, sliding_window
         self.prompt_length: Optional[int] = None  # layer-major reading: the document's length
 
     def begin_chunks(self, prompt_length: int) -> None:
@@ -55,7 +55,7 @@ class _StoreLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if self.prompt_length is not None:
             # Layer-major reading: hold this layer's chunks here (the one full layer in memory),
-            # store the whole layer when its last chunk is in, then drop it from the device.
+            # copy the whole layer when its last chunk is in, then drop it from the device.
             full_k, full_v = super().update(key_states, value_states, *args, **kwargs)
             if full_k.shape[2] == self.prompt_length:
                 self.prompt_length = None
@@ -73,7 +73,7 @@ class _StoreLayer(DynamicLayer):
         k, v = k.to("cpu", copy=True), v.to("cpu", copy=True)
         if self._pin:
             k, v = k.pin_memory(), v.pin_memory()
-        self._store.append((k, v))
+        self._copies.append((k, v))
 
 
 class DocumentLayer(SnapKVLayer):
@@ -166,7 +166,7 @@ class SnapKVDocument:
         Longest question accepted (default 2048).
     chunk_size : int, optional
         Read the document layer by layer in chunks of this many tokens (:mod:`snapkv_ext.prefill`:
-        the same store, with one layer's activations for one chunk at a time), for documents one
+        the same full KV, with one layer's activations for one chunk at a time), for documents one
         forward cannot hold. :meth:`save` / :meth:`load` keep a document read once, ever.
     """
 
@@ -197,12 +197,12 @@ class SnapKVDocument:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < window_size):
             raise ValueError(f"chunk_size must be an integer of at least window_size ({window_size}): the last "
                              f"chunk holds the observation window, got {chunk_size!r}")
-        store: list = []
-        cache = LayerMajorCache(layers=[_StoreLayer(store, self._pin, a.sliding_window) for a in self._attention])
+        read: list = []  # (keys, values) per layer, as the reading layers copy them
+        cache = LayerMajorCache(layers=[_ReadingLayer(read, self._pin, a.sliding_window) for a in self._attention])
         tails = self._read(self.input_ids, cache, chunk_size=chunk_size)
         # Per layer: the document's full KV (a sliding layer: its last window) in CPU memory.
-        self.keys: List[Tensor] = [k for k, _ in store]
-        self.values: List[Tensor] = [v for _, v in store]
+        self.keys: List[Tensor] = [k for k, _ in read]
+        self.values: List[Tensor] = [v for _, v in read]
         self.q_tails: List[Tensor] = [tails[i] for i in range(len(self._attention))]
 
     # -- read once, ever: save and load
@@ -382,7 +382,7 @@ class SnapKVDocument:
         return self.input_ids.shape[1]
 
     def nbytes(self) -> int:
-        """Bytes of the document's full KV in the store."""
+        """Bytes of the document's full KV (held off the device)."""
         return sum(2 * k.numel() * k.element_size() for k in self.keys)
 
     def cache_for(self, model=None, config: Optional[SnapKVConfig] = None) -> SnapKVCache:

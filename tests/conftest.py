@@ -1,4 +1,7 @@
 """Shared fixtures: every op test runs on CPU, and on CUDA when a GPU is present."""
+import subprocess
+import tempfile
+
 import pytest
 import torch
 
@@ -9,23 +12,57 @@ from snapkv_ext import reference as ref
 collect_ignore = ["cuda_sim"]
 
 
-_sim_module = []  # test_cuda_sim, once its child process is started
+# Tests whose work is a single-threaded child process (the CUDA simulator's suite, the GPU
+# first-contact dry run): the child starts when the session's tests are collected and the test
+# that waits for it runs last, so the child runs beside the rest of the suite, not before it.
+BACKGROUND = {"test_cuda_sim.py": "test_cuda_kernels_on_cpu_under_sanitizers",
+              "test_gpu_check.py": "test_every_step_runs_and_returns_few_files"}
+_started = []  # the modules whose child was started
 
 
-@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a selected test starts the child
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only a selected test starts its child
 def pytest_collection_modifyitems(session, config, items):
-    """The CUDA simulator's child process starts now and its test runs last: it runs beside the
-    rest of the suite (it is single-threaded) instead of before it."""
-    sim = [item for item in items if item.path.name == "test_cuda_sim.py"]
-    if sim:
-        items[:] = [item for item in items if item.path.name != "test_cuda_sim.py"] + sim
-        sim[0].module.start()
-        _sim_module.append(sim[0].module)
+    waiting = [item for item in items if BACKGROUND.get(item.path.name) == item.name]
+    if waiting:
+        items[:] = [item for item in items if item not in waiting] + waiting
+        for item in waiting:
+            item.module.start()
+            _started.append(item.module)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for module in _sim_module:
+    for module in _started:
         module.stop()
+
+
+class Background:
+    """A BACKGROUND module's child process: started once (its module's start()), waited for by
+    its test, killed at the session's end if still running (e.g. after -x)."""
+
+    def __init__(self):
+        self.proc = None
+        self.log = None
+
+    def start(self, cmd, **popen_kwargs) -> "Background":
+        if self.proc is None:
+            self.log = tempfile.TemporaryFile(mode="w+")
+            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+        return self
+
+    def wait(self, timeout: float) -> str:
+        """The child's exit status is then ``self.proc.returncode``; returns its output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 # A test on a real GPU: marked `gpu` (`pytest -m gpu` selects them, apart from the CPU execution of
 # the CUDA kernels in test_cuda_sim.py) and skipped where there is none.

@@ -6,9 +6,9 @@ The child is single-threaded (its build, one large translation unit, and the sim
 conftest.py starts it as soon as the session's tests are collected (:func:`start`) and runs this
 test last, so that it runs beside the rest of the suite on the other core."""
 import os
-import subprocess
 import sys
-import tempfile
+
+from conftest import Background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_sim"))
@@ -16,40 +16,25 @@ sys.path.insert(0, os.path.join(HERE, "cuda_sim"))
 import simbuild  # noqa: E402
 
 
-_child = None  # (process, its output file)
+_child = Background()
 
 
-def start():
+def start() -> Background:
     """Start the simulator suite in its child process, once."""
-    global _child
-    if _child is None:
-        env = simbuild.sanitizer_env()
-        env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-        out = tempfile.TemporaryFile(mode="w+")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", os.path.join(HERE, "cuda_sim")],
-            env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=os.path.dirname(HERE))
-        _child = (proc, out)
-    return _child
+    env = simbuild.sanitizer_env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    return _child.start([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+                         os.path.join(HERE, "cuda_sim")], env=env, cwd=os.path.dirname(HERE))
 
 
 def stop():
     """End the child if it is still running (the session ended before this test, e.g. with -x)."""
-    if _child is not None and _child[0].poll() is None:
-        _child[0].kill()
-        _child[0].wait()
+    _child.stop()
 
 
 def test_cuda_kernels_on_cpu_under_sanitizers():
-    proc, out = start()
-    try:
-        proc.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        stop()
-        raise
-    out.seek(0)
-    text = out.read()
+    text = start().wait(timeout=1800)
     report = text[-6000:]
     print(report)
-    assert proc.returncode == 0, report
+    assert _child.proc.returncode == 0, report
     assert " passed" in text and "skipped" not in text, report

@@ -114,8 +114,9 @@ op_tests() {
 }
 
 if [ "$DRY" = 1 ]; then
-  OPS_ARGS=(--device cpu --configs llama3-8b --dtypes float32 --lengths 256 --max-capacity-prompt 128 --reps 1)
-  AB_ARGS=(--device cpu --configs llama3-8b --dtypes bfloat16 --ops window_scores --lengths 256 --max-capacity-prompt 128 --reps 1)
+  OPS_ARGS=(--device cpu --configs llama3-8b --dtypes float32 --lengths 256 --max-capacity-prompt 128 --reps 1 --no-memory)
+  AB_ARGS=(--device cpu --configs llama3-8b --dtypes bfloat16 --ops window_scores --lengths 256 --max-capacity-prompt 128
+           --reps 1 --no-memory)
   E2E_ARGS=(--model tiny --device cpu --dtype float32 --lengths 256 --batch 2 --max-capacity-prompt 64 --reps 1 --decode-steps 2)
   NCU_LEN=256
 else
