@@ -424,7 +424,8 @@ def _segment_index(lengths: Tensor):
 
 class RaggedSnapKVLayer(SnapKVLayer):
     """The ``ragged`` store (:mod:`snapkv_ext.stores`; the one a per-head policy such as AdaKV needs):
-    each (batch row, KV head) keeps its own number of entries, stored exactly. Until its first selection it is a dense :class:`SnapKVLayer`; after,
+    each (batch row, KV head) keeps its own number of entries, stored exactly. Until its first
+    selection it is a dense :class:`SnapKVLayer`; after,
     one flat store ``[rows, D]`` (keys, values, positions) holds segment ``(b, h)`` at rows
     ``starts[b, h] ..`` ``+ lengths[b, h]`` with ``decode_reserve`` free rows after each (amortised
     growth, like the dense buffer). Left padding is never stored. Decoding appends in place and
