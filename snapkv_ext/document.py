@@ -440,9 +440,9 @@ class SnapKVDocument:
 
     def _generate_batch(self, questions: List[Tensor], max_new_tokens: int) -> List[List[int]]:
         if any(a.sliding_window is not None for a in self._attention) or not self.config.one_layout:
-            # Sliding and global layers (or, under a budget policy or the ragged store, layers and heads) hold different
-            # lengths, which one left-padded 2D mask cannot describe: each question is decoded on
-            # its own (same answers, no batching).
+            # Sliding and global layers (or, under a budget policy or the ragged store, layers and
+            # heads) hold different lengths, which one left-padded 2D mask cannot describe: each
+            # question is decoded on its own (same answers, no batching).
             return [self.generate(q, max_new_tokens=max_new_tokens, do_sample=False)[0].tolist()
                     for q in questions]
         prefills = [self.prefill(q) for q in questions]

@@ -64,6 +64,7 @@ class Background:
             self.proc.kill()
             self.proc.wait()
 
+
 # A test on a real GPU: marked `gpu` (`pytest -m gpu` selects them, apart from the CPU execution of
 # the CUDA kernels in test_cuda_sim.py) and skipped where there is none.
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]

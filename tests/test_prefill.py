@@ -8,7 +8,7 @@ from conftest import DEVICES, greedy, left_pad, prompt
 from snapkv_ext import SnapKVCache
 from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.document import SnapKVDocument
-from snapkv_ext.layers import SnapKVLayer
+from snapkv_ext.layers import SnapKVLayer, _segment_index
 from snapkv_ext.prefill import chunk_spans, prefill, prefill_memory
 from snapkv_ext.tools.models import TINY_CONFIGS, tiny_model
 
@@ -29,12 +29,10 @@ def _keys_by_position(layer):
     if getattr(layer, "ragged", False):
         B, H = layer._lengths.shape
         rows = layer._rows(layer._starts, layer._lengths)
-        seg = torch.repeat_interleave(torch.arange(B * H), layer._lengths.flatten())
+        seg, inner = _segment_index(layer._lengths.flatten())
         pos = layer._rp[rows]
         order = torch.argsort(seg * (int(pos.max()) + 1) + pos)
         n = int(layer._lengths.max())
-        inner = torch.arange(rows.numel()) - torch.repeat_interleave(
-            torch.cumsum(layer._lengths.flatten(), 0) - layer._lengths.flatten(), layer._lengths.flatten())
         keys = layer._rk.new_zeros(B * H, n, layer._rk.shape[1])
         p = pos.new_full((B * H, n), -1)
         keys[seg, inner], p[seg, inner] = layer._rk[rows][order], pos[order]

@@ -8,10 +8,9 @@ import pytest
 import torch
 from conftest import greedy, left_pad, prompt
 
-from snapkv_ext import SnapKVCache, reference
+from snapkv_ext import SnapKVCache, policies, reference
 from snapkv_ext.cache import cache_kwargs
 from snapkv_ext.layers import RaggedSnapKVLayer
-from snapkv_ext import policies
 from snapkv_ext.stores import STORES
 from snapkv_ext.tools.models import TINY_CONFIGS, tiny_model
 
