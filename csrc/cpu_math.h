@@ -209,8 +209,11 @@ SNAPKV_AI void softcap_block(float* __restrict__ st, int64_t nb, int64_t ldr, in
 
 // Per-row softmax statistics of a transposed logits block st[nb][ldr] over rows r < n:
 // m[r] = max_j st[j][r], l[r] = sum_j exp(st[j][r] - m[r]) (l = 0 where every logit is -inf).
-SNAPKV_AI void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n,
-                                              float* __restrict__ m, float* __restrict__ l) {
+// kStoreExps: each logit is also replaced by its exp(st[j][r] - m[r]), the block's probabilities
+// up to a factor per row, for a pass that needs them again (no second exp).
+template <bool kStoreExps = false>
+SNAPKV_AI void block_row_stats(float* __restrict__ st, int64_t nb, int64_t ldr, int64_t n, float* __restrict__ m,
+                               float* __restrict__ l) {
   for (int64_t r = 0; r < n; ++r) m[r] = -INFINITY;
   for (int64_t j = 0; j < nb; ++j) {
     const float* row = st + j * ldr;
@@ -219,13 +222,22 @@ SNAPKV_AI void block_row_stats(const float* __restrict__ st, int64_t nb, int64_t
   }
   for (int64_t r = 0; r < n; ++r) l[r] = 0.f;
   for (int64_t j = 0; j < nb; ++j) {
-    const float* row = st + j * ldr;
+    float* row = st + j * ldr;
 #pragma omp simd
     for (int64_t r = 0; r < n; ++r) {
-      const float ref = m[r] == -INFINITY ? 0.f : m[r];
-      l[r] += exp_fast(row[r] - ref);
+      const float e = exp_fast(row[r] - (m[r] == -INFINITY ? 0.f : m[r]));
+      if constexpr (kStoreExps) row[r] = e;
+      l[r] += e;
     }
   }
+}
+
+// sum over i < n of a[i] * b[i].
+SNAPKV_AI float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
 }
 
 // sum over i < n of exp(s[i] - m[i]) * inv_l[i]: the softmax probabilities of a row's logits

@@ -10,11 +10,16 @@
 // The per-head work is compiled once per CPU path (cpu_isa.h), with that path's register tile.
 // Pass 2 needs pass 1's statistics, so the logits are either recomputed (extra memory per worker:
 // one [kBlock, R] block) or, when it fits the O(B*H_kv*L) budget, kept from pass 1 (one [L, R]
-// buffer per worker, used only while workers * R <= 2 * B * H_kv, e.g. full multi-head attention).
+// buffer per worker, used while workers * R <= 2 * B * H_kv, e.g. full multi-head attention, or
+// while the workers' buffers total at most kKeepBytes, e.g. GQA prompts up to a few thousand keys).
+// Kept, pass 1 stores exp(logit - block max) in place of each logit and the block's max per row,
+// so pass 2 multiplies by exp(block max - row max) / sum per row and block: one exp per logit in
+// all, not two (the exp is most of the softmax passes' work).
 // With a soft-cap (Gemma 2), each block's scaled logits are capped right after they are computed,
 // before the causal mask, so both passes (and kept logits) see the capped values.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -27,6 +32,9 @@ namespace snapkv {
 namespace {
 
 constexpr int64_t kBlock = 256;
+// Kept logits of all workers at most this size whatever the output's (8 MiB: Llama-3-8B's 128 rows
+// per KV head up to L = 8K on 2 workers), so short GQA prompts skip pass 2's recomputation.
+constexpr int64_t kKeepBytes = int64_t{8} << 20;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -52,6 +60,7 @@ struct ScoreScratch {
   float* kbuf;      // [kBlock, D]: a bf16/f16 block widened (fp32 kernels)
   SoftmaxStat* stat;  // [R]
   float *m, *inv_l, *bm, *bl;  // [R] each
+  float* block_max;   // [blocks of L, R] pass 1's per-block row maxima (kept logits only)
 };
 
 // st[nb, ldr] = k[nb, D] x qt[D, ldr] through the BLAS torch ships (a path with kBlasLogits).
@@ -115,7 +124,12 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
       for (int64_t j = std::max(j0, N); j < j1; ++j)
         for (int64_t r = 0; r < R; ++r)
           if (!key_visible(j, r % w, L, w, p0)) st[(j - j0) * ldr + r] = neg_inf();
-      cpu::block_row_stats(st, j1 - j0, ldr, R, ws.bm, ws.bl);
+      if (job.keep_logits) {
+        cpu::block_row_stats<true>(st, j1 - j0, ldr, R, ws.bm, ws.bl);
+        std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * R);
+      } else {
+        cpu::block_row_stats(st, j1 - j0, ldr, R, ws.bm, ws.bl);
+      }
       for (int64_t r = 0; r < R; ++r)
         if (ws.bl[r] > 0.f) ws.stat[r] = stat_merge(ws.stat[r], SoftmaxStat{ws.bm[r], ws.bl[r]});
     }
@@ -131,12 +145,22 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
     for (int64_t j0 = p0; j0 < N; j0 += kBlock) {
       const int64_t j1 = std::min(N, j0 + kBlock);
       float* st = block_ptr(j0);
-      if (!job.keep_logits) head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
+      // A kept block holds exp(logit - block max) (every row sees every prefix key, so the block
+      // max is finite for r < R): its probabilities are those times exp(block max - row max) / sum.
+      if (job.keep_logits) {
+        const float* bm = ws.block_max + (j0 - p0) / kBlock * R;
+        for (int64_t r = 0; r < R; ++r) ws.bl[r] = cpu::exp_fast(bm[r] - ws.m[r]) * ws.inv_l[r];
+      } else {
+        head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
+      }
       for (int64_t j = j0; j < j1; ++j) {
         const float* row = st + (j - j0) * ldr;
         float acc = group_init(job.reduce);
-        for (int64_t g = 0; g < G; ++g)
-          acc = group_combine(job.reduce, acc, cpu::sum_probs(row + g * w, ws.m + g * w, ws.inv_l + g * w, w) * inv_w);
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = g * w;
+          const float p = job.keep_logits ? cpu::dot(row + r, ws.bl + r, w) : cpu::sum_probs(row + r, ws.m + r, ws.inv_l + r, w);
+          acc = group_combine(job.reduce, acc, p * inv_w);
+        }
         o[j] = group_finish(job.reduce, acc, G);
       }
     }
@@ -207,7 +231,8 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
   job.softcap = softcap;
   job.reduce = reduce;
   job.pad = pad.data();
-  job.keep_logits = workers * ldr <= 2 * s.B * s.Hkv;
+  job.keep_logits = workers * ldr <= 2 * s.B * s.Hkv ||
+                    workers * round_up(L, kBlock) * ldr * static_cast<int64_t>(sizeof(float)) <= kKeepBytes;
   job.out = out.data_ptr<float>();
 
   at::parallel_for(0, s.B * s.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -216,7 +241,9 @@ at::Tensor window_scores_cpu(const at::Tensor& q_window, const at::Tensor& keys,
     std::unique_ptr<float[]> kbuf(new float[job.key_type == KeyType::F32 || bf16_dot ? 1 : kBlock * D]);
     std::vector<SoftmaxStat> stat(R);
     std::vector<float> m(R), inv_l(R), bm(R), bl(R);
-    const ScoreScratch ws{logits.get(), kbuf.get(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data()};
+    std::vector<float> block_max(job.keep_logits ? round_up(L, kBlock) / kBlock * R : 0);
+    const ScoreScratch ws{logits.get(), kbuf.get(), stat.data(), m.data(), inv_l.data(), bm.data(), bl.data(),
+                          block_max.data()};
     score_heads_for(isa)(job, begin, end, ws);
   });
   return out;

@@ -56,11 +56,36 @@ def test_window_scores_softcap_padding_reduce(isa, gen, dtype):
         assert_scores_close(ops.window_scores(q, k, pad, reduce, softcap=5.0), q, k, pad, reduce, softcap=5.0)
 
 
-def test_window_scores_kept_logits(isa, gen):
-    """Many heads per worker (multi-head attention, B * H_kv >> threads) keep pass 1's logits."""
-    q = randn((4, 16, 8, 64), torch.float32, "cpu", gen)
-    k = randn((4, 16, 513, 64), torch.float32, "cpu", gen, scale=2.0)
-    assert_scores_close(ops.window_scores(q, k), q, k)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_scores_kept_logits(isa, gen, dtype):
+    """Many heads per worker (B * H_kv >= 16 * threads; one thread here, so on any machine) keep
+    pass 1's exps for pass 2: with left padding that starts blocks mid-way, GQA, a soft-cap and
+    every group reduction."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q = randn((4, 16, 8, 64), dtype, "cpu", gen)
+        k = randn((4, 16, 513, 64), dtype, "cpu", gen, scale=2.0)
+        assert_scores_close(ops.window_scores(q, k), q, k)
+        q = randn((4, 32, 8, 64), dtype, "cpu", gen, scale=4.0)
+        pad = torch.tensor([0, 3, 256, 500])
+        for reduce in ("mean", "max", "sum"):
+            got = ops.window_scores(q, k, pad, reduce, softcap=5.0)
+            assert_scores_close(got, q, k, pad, reduce, softcap=5.0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_scores_recomputed_logits(isa, gen, dtype):
+    """Few heads per worker and more logits than window_scores keeps (8 MiB: 32 rows x 64K keys)
+    recompute pass 1's logits in pass 2: with left padding, GQA, a soft-cap and every group reduction."""
+    q = randn((2, 4, 8, 64), dtype, "cpu", gen, scale=4.0)
+    k = randn((2, 1, 70_000, 64), dtype, "cpu", gen, scale=2.0)
+    pad = torch.tensor([5, 40_000])
+    for reduce in ("mean", "max"):
+        got = ops.window_scores(q, k, pad, reduce, softcap=5.0)
+        assert_scores_close(got, q, k, pad, reduce, softcap=5.0)
 
 
 @pytest.mark.parametrize("pooling,kernel_size", [("max", 7), ("avg", 13), ("max", 1)])
