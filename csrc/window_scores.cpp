@@ -71,6 +71,23 @@ void blas_block_logits(const float* k, int64_t nb, int64_t D, const float* qt, i
   at::mm_out(out, at::from_blob(const_cast<float*>(k), {nb, D}, f32), at::from_blob(const_cast<float*>(qt), {D, ldr}, f32));
 }
 
+// Whether a path computes fp32 keys' logits through the BLAS (cpu_isa.h's kBlasLogits).
+template <class Isa, typename KeyT>
+constexpr bool kBlasLogits = Isa::kBlasLogits && std::is_same_v<KeyT, float>;
+
+// Rows r < R of kept logits st[n, ldr] (masked ones -inf): m[r] their max (0 for a row that sees
+// none), each logit replaced by exp(logit - m[r]), l[r] their sum; through torch's vectorised
+// kernels, the CPU's best, as the BLAS is for the products.
+void blas_head_exps(float* st, int64_t n, int64_t ldr, int64_t R, float* m, float* l) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor s = at::from_blob(st, {n, ldr}, f32).narrow(1, 0, R);
+  at::Tensor mx = at::from_blob(m, {R}, f32), sum = at::from_blob(l, {R}, f32);
+  at::amax_out(mx, s, {0});
+  mx.masked_fill_(at::isneginf(mx), 0.f);
+  s.sub_(mx).exp_();
+  at::sum_out(sum, s, {0});
+}
+
 template <class Isa>
 SNAPKV_AI void block_logits(const float* k, int64_t nb, int64_t D, const float* qt, int64_t ldr, float* st) {
   if constexpr (Isa::kBlasLogits) {
@@ -115,15 +132,29 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
     auto block_ptr = [&](int64_t j0) { return job.keep_logits ? ws.logits + (j0 - p0) * ldr : ws.logits; };
 
     // Pass 1: softmax statistics of every row over the keys it sees.
-    for (int64_t r = 0; r < R; ++r) ws.stat[r] = stat_empty();
-    for (int64_t j0 = p0; j0 < L; j0 += kBlock) {
-      const int64_t j1 = std::min(L, j0 + kBlock);
-      float* st = block_ptr(j0);
-      head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
-      // Inside the window, query i does not see the keys after it (causal).
+    // Inside the window, query i does not see the keys after it (causal).
+    auto mask_window = [&](int64_t j0, int64_t j1, float* st) {
       for (int64_t j = std::max(j0, N); j < j1; ++j)
         for (int64_t r = 0; r < R; ++r)
           if (!key_visible(j, r % w, L, w, p0)) st[(j - j0) * ldr + r] = neg_inf();
+    };
+    for (int64_t r = 0; r < R; ++r) ws.stat[r] = stat_empty();
+    const bool whole = kBlasLogits<Isa, KeyT> && job.keep_logits;
+    if (whole) {
+      // The portable path keeping fp32 logits: one product over all the keys, then the rows' max,
+      // exps and sums through torch's own kernels (one call each per head, not one per block).
+      head_block_logits<Isa>(job, ws, kh, bh, p0, L, ws.logits);
+      mask_window(p0, L, ws.logits);
+      blas_head_exps(ws.logits, L - p0, ldr, R, ws.bm, ws.bl);
+      for (int64_t j0 = p0; j0 < L; j0 += kBlock) std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * R);
+      for (int64_t r = 0; r < R; ++r)
+        if (ws.bl[r] > 0.f) ws.stat[r] = SoftmaxStat{ws.bm[r], ws.bl[r]};
+    }
+    for (int64_t j0 = p0; j0 < L && !whole; j0 += kBlock) {
+      const int64_t j1 = std::min(L, j0 + kBlock);
+      float* st = block_ptr(j0);
+      head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);
+      mask_window(j0, j1, st);
       if (job.keep_logits) {
         cpu::block_row_stats<true>(st, j1 - j0, ldr, R, ws.bm, ws.bl);
         std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * R);
