@@ -32,7 +32,8 @@ from torch import Tensor
 from . import routing, stores
 from .adapters import AttentionLayer, attention_layers, describe_sharding, tensor_parallel_size
 from .config import DEFAULT_KERNEL_SIZE, SnapKVConfig
-from .layers import PendingSelection, PrefillMemory, SlidingWindowLayer, SnapKVLayer
+from .layers import PrefillMemory, SlidingWindowLayer, SnapKVLayer
+from .selection import PendingSelection
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin

@@ -1,31 +1,29 @@
-"""One layer's storage: a SnapKV-compressed global layer, or a sliding-window layer.
+"""One layer's storage: a global layer in one of the stores (dense, ragged), or a sliding-window layer.
+
+Each class has one job: :class:`_Schedule` says when a global layer selects and how many entries
+it keeps, :class:`_Reports` derives what a layer reports, :class:`SnapKVLayer` (the dense store)
+and :class:`RaggedSnapKVLayer` (the ragged one) hold what the selection keeps
+(:mod:`snapkv_ext.selection` says what that is), :class:`SlidingWindowLayer` holds a window.
 
 Layers depend one way: each gets what it needs at construction (the settings, its attention's
 logit transform, the shared prefill-memory record) and never reaches into the cache that holds it.
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import ops, policies, reference, routing, scorers
+from . import policies, routing, selection
 from .adapters import AttentionLayer
 from .config import SnapKVConfig
+from .selection import PendingSelection
 
 try:
     from transformers.cache_utils import CacheLayerMixin
 except ImportError as e:  # pragma: no cover - transformers is a declared dependency of the cache
     raise ImportError("snapkv_ext.layers needs transformers>=5.17: pip install 'transformers>=5.17,<6'") from e
-
-
-class PendingSelection(NamedTuple):
-    """What the pre-attention hook hands a layer right before the ``update`` that selects."""
-
-    q_window: Tensor  # [B, H_q, w, D] post-RoPE queries of the observation window
-    pad_lengths: Optional[Tensor]  # [B] int64 left padding of each row, or None
-    max_capacity_prompt: int  # kept entries per KV head, window included
 
 
 class PrefillMemory:
@@ -48,7 +46,7 @@ def _check_batch(held: Optional[Tensor], B: int) -> None:
 
 
 class _ReindexableLayer(CacheLayerMixin):
-    """What both layer kinds share: lazy initialisation (which refuses keys with another head count
+    """What every layer kind shares: lazy initialisation (which refuses keys with another head count
     than the layer's attention computes on this process), and the batch reindexing generate() asks
     for (beam search, repeated rows, dropped rows) through the subclass's _map_buffers."""
 
@@ -73,38 +71,42 @@ class _ReindexableLayer(CacheLayerMixin):
         self._map_buffers(lambda t: t[indices])
 
 
-class SnapKVLayer(_ReindexableLayer):
-    """A global layer compressed by SnapKV: a buffer ``[B, H_kv, allocated, D]`` holding ``physical``
-    entries whose logical positions are ``positions [B, H_kv, physical]``; ``logical`` tokens seen."""
+class _Reports:
+    """What a layer reports (``SnapKVCache.stats``, the benchmarks), derived from what each layer
+    kind says of itself: ``kept_lengths()`` (entries per row and KV head, ``[B, H_kv]``, None while
+    empty) and ``_geometry()`` ((B, H_kv, D, bytes per element), None while empty). Each kind also
+    says ``held_entries()`` (its physical length), ``full_entries()`` (what an uncompressed cache
+    would hold per KV head) and ``allocated_bytes()``."""
 
-    is_compileable = False
-    is_sliding = False
-    is_croppable = False
-    # The store's capability (snapkv_ext.stores): every KV head of the layer at one length.
-    per_head = False
+    def kept_entries(self) -> int:
+        """Entries held over every row and KV head."""
+        lengths = self.kept_lengths()
+        return 0 if lengths is None else int(lengths.sum())
 
-    def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory: PrefillMemory, model_name: str,
-                 rank: int = 0, num_global: int = 1):
-        super().__init__()
-        self.config = config
-        # this layer's place among the model's global layers: the policy's layer budgets index by it
-        self.rank, self.num_global = rank, num_global
-        self.attention = attention
-        self.layer_idx = attention.layer_idx
-        self._memory = memory
-        self._model_name = model_name
-        self.physical = 0
-        self.logical = 0
-        self.compressions = 0
-        self.positions: Optional[Tensor] = None
-        self._kbuf = self._vbuf = self._pbuf = None
+    def entry_bytes(self) -> int:
+        """Bytes of one position over every row and KV head (keys and values)."""
+        g = self._geometry()
+        return 0 if g is None else 2 * g[0] * g[1] * g[2] * g[3]
+
+    def nbytes(self) -> int:
+        """Bytes of the entries held (keys and values)."""
+        g = self._geometry()
+        return 0 if g is None else 2 * self.kept_entries() * g[2] * g[3]
+
+
+class _Schedule:
+    """When a global layer selects, how many entries it keeps, and the queries of the window that
+    selects: what the cache's pre-attention hook asks the layer (``selects``, ``wants_queries``,
+    ``observation_queries``) and hands it (``remember_queries``, ``expect_selection``).
+
+    Reads from the layer: ``config``, ``rank``/``num_global`` (its place among the global layers,
+    which the policy's layer budgets index by), ``attention``, ``logical``, ``prompt_length`` and
+    ``visible_length()``/``held_per_head()``."""
+
+    def _begin_schedule(self) -> None:
         self._pending: Optional[PendingSelection] = None
         self._recent_q: Optional[Tensor] = None  # the last window_size queries seen (a decode budget's window)
-        # Layer-major chunked prefill (snapkv_ext.prefill): the whole prompt's length while its
-        # chunks arrive; the layer holds them all, and selects when the last one is in.
-        self.prompt_length: Optional[int] = None
 
-    # -- what the pre-attention hook asks and gives
     def selects(self, n: int) -> int:
         """The kept entries per KV head if appending ``n`` tokens selects, else 0. A first prefill
         selects when it exceeds the budget (otherwise the cache is exact); a later prefill (a new
@@ -129,10 +131,13 @@ class SnapKVLayer(_ReindexableLayer):
                 return cap
         return 0
 
-    def held_per_head(self) -> int:
-        """Entries a KV head holds, on average over a row's heads (the most of any row): what a decode
-        budget bounds (here every head holds the same)."""
-        return self.visible_length()
+    def capacity_for(self, prompt_length: int) -> int:
+        """Kept entries per KV head (on average over the heads) of this layer for a prompt of
+        ``prompt_length`` tokens: the policy's share of the uniform budget."""
+        cfg = self.config
+        cap = cfg.max_capacity_prompt_for(prompt_length)
+        caps = cfg.policy.layer_capacities(cap, cfg.window_size, self.num_global)
+        return policies.check_capacities(cfg.policy, caps, cap, cfg.window_size, self.num_global)[self.rank]
 
     def decode_capacity(self) -> int:
         """Kept entries per KV head (on average over the heads) of this layer while generating:
@@ -157,14 +162,6 @@ class SnapKVLayer(_ReindexableLayer):
             q = torch.cat([self._recent_q.to(q.device), q], dim=2)
         self._recent_q = q[:, :, max(0, q.shape[2] - w):]
 
-    def capacity_for(self, prompt_length: int) -> int:
-        """Kept entries per KV head (on average over the heads) of this layer for a prompt of
-        ``prompt_length`` tokens: the policy's share of the uniform budget."""
-        cfg = self.config
-        cap = cfg.max_capacity_prompt_for(prompt_length)
-        caps = cfg.policy.layer_capacities(cap, cfg.window_size, self.num_global)
-        return policies.check_capacities(cfg.policy, caps, cap, cfg.window_size, self.num_global)[self.rank]
-
     def observation_queries(self, hidden_states: Tensor, position_embeddings) -> Tensor:
         """Queries ``[B, H_q, w, D]`` of the window that will select: the last ``window_size`` tokens',
         with a forward shorter than the window (a decode step) completed by the queries remembered
@@ -180,11 +177,62 @@ class SnapKVLayer(_ReindexableLayer):
         if self.config.max_capacity_decode is not None:  # the next re-selection's window starts from it
             self._recent_q = pending.q_window.detach()
 
+    def _take_pending(self, n: int) -> Optional[PendingSelection]:
+        pending, self._pending = self._pending, None
+        if pending is None and self.selects(n):
+            # The pre-attention hook did not run: the model is not the one the cache was made for.
+            raise ValueError(f"this SnapKVCache was built for another model ({self._model_name}); create one per model")
+        return pending
+
+    def _map_queries(self, fn) -> None:
+        if self._recent_q is not None:
+            self._recent_q = fn(self._recent_q)
+
+
+class SnapKVLayer(_Schedule, _Reports, _ReindexableLayer):
+    """The ``dense`` store (:mod:`snapkv_ext.stores`): a global layer whose every KV head keeps the
+    same number of entries, in a buffer ``[B, H_kv, allocated, D]`` holding ``physical`` entries
+    whose logical positions are ``positions [B, H_kv, physical]``; ``logical`` tokens seen.
+
+    Its job is the holding: write, append (amortised growth), keep a selection
+    (:func:`snapkv_ext.selection.compress_into`, straight into a new buffer), reindex. When and
+    how much to select is :class:`_Schedule`'s, what to keep is :mod:`snapkv_ext.selection`'s."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    # The store's capability (snapkv_ext.stores): every KV head of the layer at one length.
+    per_head = False
+
+    def __init__(self, config: SnapKVConfig, attention: AttentionLayer, memory: PrefillMemory, model_name: str,
+                 rank: int = 0, num_global: int = 1):
+        super().__init__()
+        self.config = config
+        self.rank, self.num_global = rank, num_global
+        self.attention = attention
+        self.layer_idx = attention.layer_idx
+        self._memory = memory
+        self._model_name = model_name
+        self.physical = 0
+        self.logical = 0
+        self.compressions = 0
+        self.positions: Optional[Tensor] = None
+        self._kbuf = self._vbuf = self._pbuf = None
+        self._begin_schedule()
+        # Layer-major chunked prefill (snapkv_ext.prefill): the whole prompt's length while its
+        # chunks arrive; the layer holds them all, and selects when the last one is in.
+        self.prompt_length: Optional[int] = None
+
     def visible_length(self) -> int:
         """Entries the next forward attends to before its own tokens."""
         return self.physical
 
-    # -- storage
+    def held_per_head(self) -> int:
+        """Entries a KV head holds, on average over a row's heads (the most of any row): what a decode
+        budget bounds (here every head holds the same)."""
+        return self.visible_length()
+
+    # -- the buffer
     def _allocate(self, like: Tensor, n: int) -> None:
         """Fresh, empty buffers for n entries shaped like `like` [B, H_kv, *, D]."""
         B, H, _, D = like.shape
@@ -213,66 +261,16 @@ class SnapKVLayer(_ReindexableLayer):
         self._write(k, v, positions)
 
     def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: PendingSelection) -> None:
-        """Make SnapKV's selection from (k_all, v_all) the whole content: compressed straight into
-        the new buffers (no temporary of the compressed size), with room for decode_reserve more."""
+        """Make the selection from (k_all, v_all) the whole content: compressed straight into the
+        new buffers (no temporary of the compressed size), with room for decode_reserve more."""
         n = min(k_all.shape[2], pending.max_capacity_prompt)
         self._allocate(k_all, n + self.config.reserve)
-        kept = self._compress_into(pending, k_all, v_all, self._kbuf[:, :, :n], self._vbuf[:, :, :n])
+        kept = selection.compress_into(self.config, self.attention, pending, k_all, v_all, self._kbuf[:, :, :n],
+                                       self._vbuf[:, :, :n])
         self._pbuf[:, :, :n].copy_(pos_all.gather(2, kept))
         self.physical = n
         self._views()
         self.compressions += 1
-
-    def _scores(self, pending: PendingSelection, keys: Tensor, values: Tensor, pad: Optional[Tensor]) -> Tensor:
-        """The configured scorer's ``[B, H_kv, L - w]`` scores of (keys, values) with this
-        attention's own logit transform (``pad``: left padding clamped to ``L - w``, or None)."""
-        cfg, att = self.config, self.attention
-        q = pending.q_window.to(keys.dtype)
-        B, H, L = keys.shape[:3]
-        inp = scorers.ScoreInput(keys, values, q, pad, att.scale, att.softcap, cfg)
-        return scorers.check_scores(cfg.scorer, cfg.scorer.score(inp), (B, H, L - q.shape[2]))
-
-    def _compress_into(self, pending: PendingSelection, keys: Tensor, values: Tensor, keys_out: Tensor,
-                       values_out: Tensor) -> Tensor:
-        """The selection over (keys, values) (the scorer's best ``max_capacity_prompt - w`` prefix
-        entries of each head, then the window), written into the outputs; -> the kept indices
-        [B, H_kv, C]. SnapKV's own scorer runs fused (scores, pooling, top-k and gather in one op)."""
-        cfg, att = self.config, self.attention
-        L, w = keys.shape[2], pending.q_window.shape[2]
-        pad = pending.pad_lengths
-        if pad is not None:
-            # A row shorter than the window keeps all it has; its window covers padding too.
-            pad = pad.clamp(max=L - w)
-            if not bool((pad > 0).any()):
-                pad = None
-        if type(cfg.scorer) is scorers.SnapKV:
-            fn = reference.snapkv_compress_into if cfg.use_reference else ops.snapkv_compress_into
-            return fn(pending.q_window.to(keys.dtype), keys, values, pending.max_capacity_prompt, keys_out,
-                      values_out, cfg.kernel_size, cfg.pooling, cfg.group_reduce, pad, scale=att.scale,
-                      softcap=att.softcap)
-        B, H = keys.shape[:2]
-        s = self._scores(pending, keys, values, pad).float()
-        if pad is not None:  # left padding ranks after every real entry
-            j = torch.arange(L - w, device=s.device)
-            s = s.masked_fill((j[None, :] < pad.to(s.device)[:, None])[:, None, :], float("-inf"))
-        if cfg.use_reference:
-            idx = reference.select_topk(s, pending.max_capacity_prompt - w)
-            k_out, v_out = reference.compact(keys, values, idx, w)
-            keys_out.copy_(k_out)
-            values_out.copy_(v_out)
-        else:
-            idx = ops.select_topk(s, pending.max_capacity_prompt - w)
-            ops.compact_into(keys, values, idx, w, keys_out, values_out)
-        win = torch.arange(L - w, L, device=keys.device).expand(B, H, w)
-        return torch.cat([idx, win], dim=2)
-
-    def _map_buffers(self, fn) -> None:
-        """Apply fn (a batch reindexing) to the key, value and position buffers (and remembered queries)."""
-        if self._recent_q is not None:
-            self._recent_q = fn(self._recent_q)
-        if self.physical > 0:
-            self._kbuf, self._vbuf, self._pbuf = fn(self._kbuf), fn(self._vbuf), fn(self._pbuf)
-            self._views()
 
     def _append(self, k: Tensor, v: Tensor) -> None:
         n = k.shape[2]
@@ -290,14 +288,14 @@ class SnapKVLayer(_ReindexableLayer):
         B, H, n, _ = k.shape
         return torch.arange(self.logical, self.logical + n, device=k.device).expand(B, H, n)
 
-    # -- the Cache API
-    def _take_pending(self, n: int) -> Optional[PendingSelection]:
-        pending, self._pending = self._pending, None
-        if pending is None and self.selects(n):
-            # The pre-attention hook did not run: the model is not the one the cache was made for.
-            raise ValueError(f"this SnapKVCache was built for another model ({self._model_name}); create one per model")
-        return pending
+    def _map_buffers(self, fn) -> None:
+        """Apply fn (a batch reindexing) to the key, value and position buffers (and remembered queries)."""
+        self._map_queries(fn)
+        if self.physical > 0:
+            self._kbuf, self._vbuf, self._pbuf = fn(self._kbuf), fn(self._vbuf), fn(self._pbuf)
+            self._views()
 
+    # -- the Cache API
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -319,19 +317,17 @@ class SnapKVLayer(_ReindexableLayer):
         self.logical += n
         return self.keys, self.values
 
-    def kept_entries(self) -> int:
-        """Entries held over every row and KV head."""
-        return 0 if self.physical == 0 else self.physical * self.keys.shape[0] * self.keys.shape[1]
-
-    def kept_lengths(self) -> Optional[Tensor]:
-        """Entries each (batch row, KV head) holds: ``[B, H_kv]`` int64 (here all equal; None
-        before the first update)."""
-        return None if self.physical == 0 else torch.full(self.keys.shape[:2], self.physical, dtype=torch.int64)
-
-    def entry_bytes(self) -> int:
-        """Bytes of one position over every row and KV head (keys and values)."""
-        return 0 if self.physical == 0 else 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * \
-            self.keys.element_size()
+    def _select(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: Optional[PendingSelection],
+                logical: int) -> Tuple[Tensor, Tensor]:
+        """Keep the selection from (k_all, v_all) (whose logical positions are pos_all), or all of
+        it when nothing is pending; return the full KV for the current attention."""
+        if pending is not None:
+            self._store_selection(k_all, v_all, pos_all, pending)
+        else:
+            self._store(k_all, v_all, pos_all)
+        self.logical = logical
+        self._memory.record(k_all, v_all)
+        return k_all, v_all
 
     def begin_chunks(self, prompt_length: int) -> None:
         """Expect a ``prompt_length``-token prompt in chunks (layer-major prefill): hold every chunk
@@ -360,18 +356,6 @@ class SnapKVLayer(_ReindexableLayer):
         self._memory.record(k_all[:, :, :0])  # the held buffer is the whole layer: counted as held
         return k_all, v_all
 
-    def _select(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: Optional[PendingSelection],
-                logical: int) -> Tuple[Tensor, Tensor]:
-        """Keep SnapKV's selection from (k_all, v_all) (whose logical positions are pos_all), or
-        all of it when nothing is pending; return the full KV for the current attention."""
-        if pending is not None:
-            self._store_selection(k_all, v_all, pos_all, pending)
-        else:
-            self._store(k_all, v_all, pos_all)
-        self.logical = logical
-        self._memory.record(k_all, v_all)
-        return k_all, v_all
-
     def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
         # Physical slot p sits at 2D-mask (logical) index p + offset: compression keeps the
         # newest prompt entries at the end and a padded row's padding at the front.
@@ -387,8 +371,7 @@ class SnapKVLayer(_ReindexableLayer):
     def reset(self) -> None:
         self.physical = self.logical = 0
         self.positions = self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
-        self._pending = None
-        self._recent_q = None
+        self._begin_schedule()
         self.prompt_length = None
         self.is_initialized = False
         self.compressions = 0
@@ -396,16 +379,21 @@ class SnapKVLayer(_ReindexableLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SnapKVCache cannot be cropped: compressed entries cannot be restored")
 
+    # -- reports (_Reports)
+    def kept_lengths(self) -> Optional[Tensor]:
+        """Entries each (batch row, KV head) holds: ``[B, H_kv]`` int64 (here all equal; None
+        before the first update)."""
+        return None if self.physical == 0 else torch.full(self.keys.shape[:2], self.physical, dtype=torch.int64)
+
+    def _geometry(self):
+        return None if self.physical == 0 else (*self.keys.shape[:2], self.keys.shape[3], self.keys.element_size())
+
     def held_entries(self) -> int:
         return self.physical
 
     def full_entries(self) -> int:
         """Entries per KV head an uncompressed cache would hold now."""
         return self.logical
-
-    def nbytes(self) -> int:
-        """Bytes of the entries held (keys and values)."""
-        return 0 if self.physical == 0 else 2 * self.keys.numel() * self.keys.element_size()
 
     def allocated_bytes(self) -> int:
         return 0 if self._kbuf is None else 2 * self._kbuf.numel() * self._kbuf.element_size()
@@ -500,20 +488,11 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def _store_kept(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, keep: Tensor) -> None:
         self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.reserve)
 
-    def _keep(self, scores: Tensor, pad: Optional[Tensor], pending: PendingSelection) -> Tensor:
-        B, H, P = scores.shape
-        cfg, w = self.config, pending.q_window.shape[2]
-        valid = policies.valid_prefix(pad, B, H, P, scores.device)
-        budget = pending.max_capacity_prompt - w
-        counts = policies.check_counts(cfg.policy, cfg.policy.head_counts(scores, budget, valid), budget, valid, (B, H))
-        return policies.keep_mask(scores, counts, pad, w)
-
     def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: PendingSelection) -> None:
-        L, w = k_all.shape[2], pending.q_window.shape[2]
         pad = pending.pad_lengths
-        clamped = None if pad is None or not bool((pad > 0).any()) else pad.clamp(max=L - w)
-        keep = self._keep(self._scores(pending, k_all, v_all, clamped), pad, pending)
-        self._store_kept(k_all, v_all, pos_all, keep)
+        clamped = selection.clamp_padding(pad, k_all.shape[2], pending.q_window.shape[2])
+        scores = selection.scores(self.config, self.attention, pending, k_all, v_all, clamped)
+        self._store_kept(k_all, v_all, pos_all, selection.keep_mask(self.config, pending, scores, pad))
         self.compressions += 1
 
     def _reselect(self, pending: PendingSelection) -> None:
@@ -534,8 +513,9 @@ class RaggedSnapKVLayer(SnapKVLayer):
         w = q.shape[2]
         q = q.reshape(B, H, q.shape[1] // H, w, q.shape[3]).reshape(B * H, q.shape[1] // H, w, q.shape[3])
         pad = n_max - lengths  # every segment holds the new turn's tokens, more than the window
-        scores = self._scores(PendingSelection(q, pad, pending.max_capacity_prompt), kd, vd, pad)
-        keep = self._keep(scores.view(B, H, -1), pad.view(B, H), pending)
+        per_head = PendingSelection(q, pad, pending.max_capacity_prompt)
+        scores = selection.scores(self.config, self.attention, per_head, kd, vd, pad)
+        keep = selection.keep_mask(self.config, pending, scores.view(B, H, -1), pad.view(B, H))
         self._store_kept(kd.view(B, H, n_max, D), vd.view(B, H, n_max, D), pd.view(B, H, n_max), keep)
         self.compressions += 1
 
@@ -573,8 +553,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def _map_buffers(self, fn) -> None:
         if not self.ragged:
             return super()._map_buffers(fn)
-        if self._recent_q is not None:
-            self._recent_q = fn(self._recent_q)
+        self._map_queries(fn)
         starts, lengths = fn(self._starts), fn(self._lengths)
         rows = self._rows(starts, lengths)
         self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], lengths, self.config.decode_reserve)
@@ -583,22 +562,12 @@ class RaggedSnapKVLayer(SnapKVLayer):
         super().reset()
         self._rk = self._rv = self._rp = self._starts = self._lengths = self._caps = None
 
+    # -- reports (_Reports)
+    def _geometry(self):
+        return self._shape if self.ragged else super()._geometry()
+
     def held_entries(self) -> int:
         return self.visible_length()
-
-    def kept_entries(self) -> int:
-        return int(self._lengths.sum()) if self.ragged else super().kept_entries()
-
-    def entry_bytes(self) -> int:
-        if not self.ragged:
-            return super().entry_bytes()
-        B, H, D, elem = self._shape
-        return 2 * B * H * D * elem
-
-    def nbytes(self) -> int:
-        if not self.ragged:
-            return super().nbytes()
-        return 2 * int(self._lengths.sum()) * self._rk.shape[1] * self._rk.element_size()
 
     def allocated_bytes(self) -> int:
         if not self.ragged:
@@ -606,7 +575,7 @@ class RaggedSnapKVLayer(SnapKVLayer):
         return 2 * self._rk.numel() * self._rk.element_size()
 
 
-class SlidingWindowLayer(_ReindexableLayer):
+class SlidingWindowLayer(_Reports, _ReindexableLayer):
     """A sliding-window layer: keeps exactly the last ``sliding_window - 1`` entries, all the next
     token can see, as Transformers' own sliding layers do; never compressed, never more."""
 
@@ -687,22 +656,20 @@ class SlidingWindowLayer(_ReindexableLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("SnapKVCache cannot be cropped: a sliding layer no longer holds what it slid past")
 
+    # -- reports (_Reports)
+    def kept_lengths(self) -> Optional[Tensor]:
+        """Entries each (batch row, KV head) holds: ``[B, H_kv]`` int64 (all equal), None while empty."""
+        return None if self.keys is None else torch.full(self.keys.shape[:2], self.keys.shape[2], dtype=torch.int64)
+
+    def _geometry(self):
+        return None if self.keys is None else (*self.keys.shape[:2], self.keys.shape[3], self.keys.element_size())
+
     def held_entries(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def full_entries(self) -> int:
         """Entries per KV head Transformers' own sliding layer would hold now."""
         return self.held_entries()
-
-    def kept_entries(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[2]
-
-    def entry_bytes(self) -> int:
-        return 0 if self.keys is None else 2 * self.keys.shape[0] * self.keys.shape[1] * self.keys.shape[3] * \
-            self.keys.element_size()
-
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
     def allocated_bytes(self) -> int:
         if self.keys is None:

@@ -75,12 +75,16 @@ def _setting_flag(p, name: str, default=_CONFIG_DEFAULT):
     return p.add_argument("--" + name.replace("_", "-"), **kw)
 
 
+# The settings a one-cache command (generate, demo) takes besides its budget, a flag each.
+_SNAP_SETTINGS = ("window_size", "kernel_size", "pooling", "policy", "scorer", "store", "max_capacity_decode",
+                  "decode_interval")
+
+
 def _snap_args(p: argparse.ArgumentParser, max_capacity_prompt_default: Optional[int] = None) -> None:
     g = p.add_mutually_exclusive_group()
     _setting_flag(g, "max_capacity_prompt", max_capacity_prompt_default)
     _setting_flag(g, "compression_ratio")
-    for name in ("window_size", "kernel_size", "pooling", "policy", "scorer", "store", "max_capacity_decode",
-                 "decode_interval"):
+    for name in _SNAP_SETTINGS:
         _setting_flag(p, name)
 
 
@@ -259,9 +263,7 @@ def _prepare(args, *packages: str):
 def _method(args):
     from .evaluate import Method
 
-    kw = dict(window_size=args.window_size, kernel_size=args.kernel_size, pooling=args.pooling, policy=args.policy,
-              scorer=args.scorer, max_capacity_decode=args.max_capacity_decode, decode_interval=args.decode_interval,
-              store=args.store)
+    kw = {name: getattr(args, name) for name in _SNAP_SETTINGS}
     name = args.policy if args.scorer == "snapkv" else f"{args.scorer}+{args.policy}"
     if args.compression_ratio is not None:
         return Method(f"{name}-{int(round(args.compression_ratio * 100))}%",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -20,24 +20,36 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-@dataclass
-class Method:
-    """A cache to compare: the full DynamicCache, or SnapKV with the settings of
-    :class:`snapkv_ext.SnapKVConfig` (a ``max_capacity_prompt`` or a ``compression_ratio``, a
-    selection ``policy``: a name or a policy object)."""
+# SnapKVConfig's settings and their defaults (declared once, in snapkv_ext/config.py).
+_SETTINGS = {f.name: f.default for f in fields(SnapKVConfig)}
 
-    name: str
-    max_capacity_prompt: Optional[int] = None
-    compression_ratio: Optional[float] = None
-    window_size: int = 32
-    kernel_size: int = DEFAULT_KERNEL_SIZE
-    pooling: str = "max"
-    policy: object = "snapkv"
-    group_reduce: str = "mean"
-    scorer: object = "snapkv"
-    max_capacity_decode: Optional[int] = None
-    decode_interval: int = 64
-    store: object = None
+
+class Method:
+    """A cache to compare: the full DynamicCache (:meth:`full`), or SnapKV with any settings of
+    :class:`snapkv_ext.SnapKVConfig` as keywords (their names and defaults are that class's):
+    ``Method("adakv-10%", compression_ratio=0.1, policy="adakv")``. A setting reads as an
+    attribute (``method.window_size``), its config default where not given."""
+
+    def __init__(self, name: str, **settings):
+        unknown = sorted(set(settings) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f"Method {name!r}: no SnapKVConfig setting {', '.join(unknown)} "
+                            f"(the settings: {', '.join(_SETTINGS)})")
+        self.name = name
+        self.settings = settings
+
+    def __getattr__(self, key: str):
+        if key in _SETTINGS:
+            return self.__dict__.get("settings", {}).get(key, _SETTINGS[key])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r}{''.join(f', {k}={v!r}' for k, v in self.settings.items())})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Method) and (self.name, self.settings) == (other.name, other.settings)
+
+    __hash__ = None
 
     @staticmethod
     def full() -> "Method":
@@ -50,11 +62,7 @@ class Method:
     def config(self, prompt_len: int) -> SnapKVConfig:
         """The SnapKV settings for a prompt of ``prompt_len`` tokens (the window shrunk below a small budget)."""
         window_size = min(self.window_size, max(1, (self.max_capacity_prompt or prompt_len) - 1))
-        return SnapKVConfig(max_capacity_prompt=self.max_capacity_prompt, compression_ratio=self.compression_ratio,
-                            window_size=window_size, kernel_size=self.kernel_size, pooling=self.pooling,
-                            policy=self.policy, group_reduce=self.group_reduce, scorer=self.scorer,
-                            max_capacity_decode=self.max_capacity_decode, decode_interval=self.decode_interval,
-                            store=self.store)
+        return SnapKVConfig(**{**self.settings, "window_size": window_size})
 
     def compresses(self, prompt_len: int) -> bool:
         """Whether a prompt of ``prompt_len`` tokens is compressed (the full cache never is; SnapKV
