@@ -410,83 +410,131 @@ def _segment_index(lengths: Tensor):
     return seg, inner
 
 
+def _rows(starts: Tensor, lengths: Tensor) -> Tensor:
+    """Rows of segments ``(b, h)`` starting at ``starts`` of ``lengths`` (both ``[B, H]``), in order."""
+    seg, inner = _segment_index(lengths.flatten())
+    return starts.flatten()[seg] + inner
+
+
+class _FlatStore:
+    """The ragged store's packing: flat buffers ``k, v [rows, D]`` and ``p [rows]`` (positions)
+    holding segment ``(b, h)`` at rows ``starts[b, h] ..`` ``+ lengths[b, h]``, with ``room`` free
+    rows after each (the same for every segment). Built from entries ``k, v [N, D]``, ``p [N]``
+    (segments in (b, h) order, ``lengths [B, H]``) with ``reserve`` free rows after each."""
+
+    def __init__(self, k: Tensor, v: Tensor, p: Tensor, lengths: Tensor, reserve: int):
+        caps = lengths + reserve
+        self.starts = _exclusive_cumsum(caps.flatten()).view_as(lengths)
+        total, D = int(caps.sum()), k.shape[-1]
+        self.k = k.new_empty((total, D))
+        self.v = torch.empty_like(self.k)
+        self.p = p.new_empty((total,))
+        rows = _rows(self.starts, lengths)
+        self.k[rows], self.v[rows], self.p[rows] = k, v, p
+        self.lengths = lengths.clone()
+        # Host copies of what each decode step asks (the longest segment, the fullest row, the room
+        # to append), kept exact by append: no device round trip per step, one per packing.
+        self.len_max, self.row_max = (int(x) for x in torch.stack([lengths.max(), lengths.sum(1).max()]).tolist())
+        self.room = reserve
+        self.geometry = (lengths.shape[0], lengths.shape[1], D, k.element_size())
+
+    def held(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The entries held ``k, v [N, D]``, ``p [N]``, segments in (b, h) order."""
+        rows = _rows(self.starts, self.lengths)
+        return self.k[rows], self.v[rows], self.p[rows]
+
+    def reindexed(self, fn, reserve: int) -> "_FlatStore":
+        """The store of the batch rows ``fn`` (a batch reindexing of ``[B, ...]`` tensors) picks."""
+        starts, lengths = fn(self.starts), fn(self.lengths)
+        rows = _rows(starts, lengths)
+        return _FlatStore(self.k[rows], self.v[rows], self.p[rows], lengths, reserve)
+
+    def append(self, k: Tensor, v: Tensor, first_position: int) -> None:
+        """Entries ``k, v [B, H, n, D]`` after each segment, at positions ``first_position ..``
+        (``room >= n``)."""
+        B, H, n, D = k.shape
+        dest = ((self.starts + self.lengths)[..., None] + torch.arange(n, device=self.starts.device)).flatten()
+        self.k[dest] = k.reshape(-1, D)
+        self.v[dest] = v.reshape(-1, D)
+        self.p[dest] = torch.arange(first_position, first_position + n, device=self.p.device).repeat(B * H)
+        self.lengths = self.lengths + n
+        self.len_max, self.row_max, self.room = self.len_max + n, self.row_max + n * H, self.room - n
+
+    def positions(self) -> Tensor:
+        """``[B, H_kv, longest]`` positions of the entries held, padded with -1 after each segment."""
+        B, H = self.lengths.shape
+        seg, inner = _segment_index(self.lengths.flatten())
+        out = torch.full((B * H, self.len_max), -1, dtype=torch.int64, device=self.p.device)
+        out[seg, inner] = self.p[_rows(self.starts, self.lengths)]
+        return out.view(B, H, -1)
+
+    def left_padded(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each segment as a row of its own, left-padded to the longest: keys and values
+        ``[B * H, 1, longest, D]`` (zeros), positions ``[B * H, 1, longest]`` (-1), padding ``[B * H]``."""
+        B, H = self.lengths.shape
+        n_max, D = self.len_max, self.k.shape[1]
+        lengths = self.lengths.flatten()
+        seg, inner = _segment_index(lengths)
+        col = (n_max - lengths)[seg] + inner
+        k, v, p = self.held()
+        kd = self.k.new_zeros((B * H, 1, n_max, D))
+        vd = torch.zeros_like(kd)
+        pd = self.p.new_full((B * H, 1, n_max), -1)
+        kd[seg, 0, col], vd[seg, 0, col], pd[seg, 0, col] = k, v, p
+        return kd, vd, pd, n_max - lengths
+
+    def allocated_bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
 class RaggedSnapKVLayer(SnapKVLayer):
     """The ``ragged`` store (:mod:`snapkv_ext.stores`; the one a per-head policy such as AdaKV needs):
     each (batch row, KV head) keeps its own number of entries, stored exactly. Until its first
-    selection it is a dense :class:`SnapKVLayer`; after,
-    one flat store ``[rows, D]`` (keys, values, positions) holds segment ``(b, h)`` at rows
-    ``starts[b, h] ..`` ``+ lengths[b, h]`` with ``decode_reserve`` free rows after each (amortised
-    growth, like the dense buffer). Left padding is never stored. Decoding appends in place and
-    attends through :func:`snapkv_ext.ops.ragged_attention` (:mod:`snapkv_ext.routing`)."""
+    selection it is a dense :class:`SnapKVLayer` (a prompt within the budget decodes with the
+    model's own attention); after, a :class:`_FlatStore` with ``decode_reserve`` free rows after
+    each segment (amortised growth, like the dense buffer). Left padding is never stored. Decoding
+    appends in place and attends through :func:`snapkv_ext.ops.ragged_attention`
+    (:mod:`snapkv_ext.routing`)."""
 
     per_head = True  # the store holds each KV head at its own length (snapkv_ext.stores)
 
     def __init__(self, *args, **kwargs):
-        self._lengths: Optional[Tensor] = None
+        self.flat: Optional[_FlatStore] = None
         self._dense_positions: Optional[Tensor] = None
         super().__init__(*args, **kwargs)
-        self._rk = self._rv = self._rp = self._starts = self._caps = None
 
     @property
     def ragged(self) -> bool:
-        return self._lengths is not None
+        return self.flat is not None
 
     # `positions` is the dense layer's attribute; ragged: [B, H_kv, longest] padded with -1
     @property
     def positions(self) -> Optional[Tensor]:
-        if not self.ragged:
-            return self._dense_positions
-        B, H = self._lengths.shape
-        seg, inner = _segment_index(self._lengths.flatten())
-        out = torch.full((B * H, int(self._lengths.max())), -1, dtype=torch.int64, device=self._rp.device)
-        out[seg, inner] = self._rp[self._rows(self._starts, self._lengths)]
-        return out.view(B, H, -1)
+        return self.flat.positions() if self.ragged else self._dense_positions
 
     @positions.setter
     def positions(self, value) -> None:
         self._dense_positions = value
 
-    def kept_lengths(self) -> Optional[Tensor]:
-        return self._lengths.clone() if self.ragged else super().kept_lengths()
-
     def visible_length(self) -> int:
-        return self._len_max if self.ragged else self.physical
+        return self.flat.len_max if self.ragged else self.physical
 
     def held_per_head(self) -> int:
         if not self.ragged:
             return self.physical
-        H = self._lengths.shape[1]
-        return -(-self._row_max // H)  # a head may hold more than its layer's mean
+        H = self.flat.lengths.shape[1]
+        return -(-self.flat.row_max // H)  # a head may hold more than its layer's mean
 
-    # -- the flat store
-    @staticmethod
-    def _rows(starts: Tensor, lengths: Tensor) -> Tensor:
-        seg, inner = _segment_index(lengths.flatten())
-        return starts.flatten()[seg] + inner
-
-    def _lay_out(self, k: Tensor, v: Tensor, p: Tensor, lengths: Tensor, reserve: int) -> None:
-        """Make entries ``k, v [N, D]``, ``p [N]`` (segments in (b, h) order, ``lengths [B, H]``) the
-        whole content, with ``reserve`` free rows after each segment."""
-        caps = lengths + reserve
-        starts = _exclusive_cumsum(caps.flatten()).view_as(lengths)
-        total, D = int(caps.sum()), k.shape[-1]
-        self._rk = k.new_empty((total, D))
-        self._rv = torch.empty_like(self._rk)
-        self._rp = p.new_empty((total,))
-        rows = self._rows(starts, lengths)
-        self._rk[rows], self._rv[rows], self._rp[rows] = k, v, p
-        self._starts, self._lengths, self._caps = starts, lengths.clone(), caps
-        # Host copies of what each decode step asks (visible_length, held_per_head, room to append),
-        # kept exact by _append_ragged: no device round trip per step, one per lay-out.
-        self._len_max, self._row_max = (int(x) for x in torch.stack([lengths.max(), lengths.sum(1).max()]).tolist())
-        self._room = reserve
+    def _pack(self, flat: _FlatStore) -> None:
+        """Make ``flat`` the whole content (the dense buffers, if any, are dropped)."""
+        self.flat = flat
         self._kbuf = self._vbuf = self._pbuf = self.keys = self.values = None
         self.physical = 0
         self._dense_positions = None
-        self._shape = (lengths.shape[0], lengths.shape[1], D, k.element_size())
 
     def _store_kept(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, keep: Tensor) -> None:
-        self._lay_out(k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep], keep.sum(-1), self.config.reserve)
+        kept = (k_all[keep], v_all[keep], pos_all.expand(keep.shape)[keep])
+        self._pack(_FlatStore(*kept, keep.sum(-1), self.config.reserve))
 
     def _store_selection(self, k_all: Tensor, v_all: Tensor, pos_all: Tensor, pending: PendingSelection) -> None:
         pad = pending.pad_lengths
@@ -498,81 +546,61 @@ class RaggedSnapKVLayer(SnapKVLayer):
     def _reselect(self, pending: PendingSelection) -> None:
         """A new turn (already appended): select again over each head's entries, its segment left-
         padded to the longest for scoring (each (b, h) a row of its own)."""
-        B, H = self._lengths.shape
-        n_max = int(self._lengths.max())
-        lengths = self._lengths.flatten()
-        seg, inner = _segment_index(lengths)
-        col = (n_max - lengths)[seg] + inner
-        rows = self._rows(self._starts, self._lengths)
-        D = self._rk.shape[1]
-        kd = self._rk.new_zeros((B * H, 1, n_max, D))
-        vd = torch.zeros_like(kd)
-        pd = self._rp.new_full((B * H, 1, n_max), -1)
-        kd[seg, 0, col], vd[seg, 0, col], pd[seg, 0, col] = self._rk[rows], self._rv[rows], self._rp[rows]
+        B, H = self.flat.lengths.shape
+        kd, vd, pd, pad = self.flat.left_padded()
+        n_max, D = kd.shape[2], kd.shape[3]
         q = pending.q_window
         w = q.shape[2]
         q = q.reshape(B, H, q.shape[1] // H, w, q.shape[3]).reshape(B * H, q.shape[1] // H, w, q.shape[3])
-        pad = n_max - lengths  # every segment holds the new turn's tokens, more than the window
+        # every segment holds the new turn's tokens, more than the window
         per_head = PendingSelection(q, pad, pending.max_capacity_prompt)
         scores = selection.scores(self.config, self.attention, per_head, kd, vd, pad)
         keep = selection.keep_mask(self.config, pending, scores.view(B, H, -1), pad.view(B, H))
         self._store_kept(kd.view(B, H, n_max, D), vd.view(B, H, n_max, D), pd.view(B, H, n_max), keep)
         self.compressions += 1
 
-    def _append_ragged(self, k: Tensor, v: Tensor) -> None:
-        B, H, n, D = k.shape
-        if self._room < n:  # grow: amortised, not one copy per token
-            rows = self._rows(self._starts, self._lengths)
-            reserve = max(self.config.decode_reserve, self._len_max // 4, n)
-            self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], self._lengths, reserve)
-        dest = (self._starts + self._lengths)[..., None] + torch.arange(n, device=self._starts.device)
-        dest = dest.flatten()
-        self._rk[dest] = k.reshape(-1, D)
-        self._rv[dest] = v.reshape(-1, D)
-        self._rp[dest] = torch.arange(self.logical, self.logical + n, device=self._rp.device).repeat(B * H)
-        self._lengths = self._lengths + n
-        self._len_max, self._row_max, self._room = self._len_max + n, self._row_max + n * H, self._room - n
-
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor]:
         if not self.ragged or self.prompt_length is not None:
             return super().update(key_states, value_states, *args, **kwargs)
-        if key_states.shape[0] != self._lengths.shape[0]:
-            _check_batch(self._lengths, key_states.shape[0])
+        flat = self.flat
+        if key_states.shape[0] != flat.lengths.shape[0]:
+            _check_batch(flat.lengths, key_states.shape[0])
         self.attention.check_kv_heads(key_states.shape[1])
         n = key_states.shape[2]
         pending = self._take_pending(n)
-        self._append_ragged(key_states, value_states)
+        if flat.room < n:  # grow: amortised, not one copy per token
+            flat = _FlatStore(*flat.held(), flat.lengths, max(self.config.decode_reserve, flat.len_max // 4, n))
+            self._pack(flat)
+        flat.append(key_states, value_states, self.logical)
         self.logical += n
-        keys = self._rk
-        routing.mark(keys, routing.RaggedKV(self._starts, self._lengths, n, self._rv, self.config.use_reference))
+        routing.mark(flat.k, routing.RaggedKV(flat.starts, flat.lengths, n, flat.v, self.config.use_reference))
         if pending is not None:  # this forward attends over everything; the store keeps the selection
             self._reselect(pending)
-            self._memory.record(keys[:0])
-        return keys, self._rv
+            self._memory.record(flat.k[:0])
+        return flat.k, flat.v
 
     def _map_buffers(self, fn) -> None:
         if not self.ragged:
             return super()._map_buffers(fn)
         self._map_queries(fn)
-        starts, lengths = fn(self._starts), fn(self._lengths)
-        rows = self._rows(starts, lengths)
-        self._lay_out(self._rk[rows], self._rv[rows], self._rp[rows], lengths, self.config.decode_reserve)
+        self._pack(self.flat.reindexed(fn, self.config.decode_reserve))
 
     def reset(self) -> None:
         super().reset()
-        self._rk = self._rv = self._rp = self._starts = self._lengths = self._caps = None
+        self.flat = None
 
     # -- reports (_Reports)
+    def kept_lengths(self) -> Optional[Tensor]:
+        return self.flat.lengths.clone() if self.ragged else super().kept_lengths()
+
     def _geometry(self):
-        return self._shape if self.ragged else super()._geometry()
+        return self.flat.geometry if self.ragged else super()._geometry()
 
     def held_entries(self) -> int:
         return self.visible_length()
 
     def allocated_bytes(self) -> int:
-        if not self.ragged:
-            return super().allocated_bytes()
-        return 2 * self._rk.numel() * self._rk.element_size()
+        return self.flat.allocated_bytes() if self.ragged else super().allocated_bytes()
 
 
 class SlidingWindowLayer(_Reports, _ReindexableLayer):

@@ -97,9 +97,8 @@ def test_each_ragged_reselection_equals_the_reference(monkeypatch):
 
     def spy(self, pending):
         before = self.positions.clone()
-        rows = self._rows(self._starts, self._lengths)
-        keys = self._rk[rows].clone()
-        lengths = self._lengths.clone()
+        keys = self.flat.held()[0].clone()
+        lengths = self.flat.lengths.clone()
         real(self, pending)
         if self.layer_idx != 1:
             return
@@ -217,19 +216,21 @@ def test_ragged_decode_steps_read_no_device_value(monkeypatch, settings):
     plain_steps = []
 
     def spy(self, k, v, *a, **kw):
-        was = self._rk if self.ragged else None
+        was = self.flat.k if self.ragged else None
         state["in"], before = True, len(reads)
         try:
             out = real(self, k, v, *a, **kw)
         finally:
             state["in"] = False
-        if was is not None and self._rk is was:  # a plain step: appended in place
+        if was is not None and self.flat.k is was:  # a plain step: appended in place
             plain_steps.append(len(reads) - before)
         if self.ragged:
-            state_len = self._lengths
-            assert self._len_max == int(state_len.max()) and self._row_max == int(state_len.sum(1).max())
-            room = self._caps - state_len
-            assert self._room == int(room.min()) == int(room.max())
+            flat = self.flat
+            state_len = flat.lengths
+            assert flat.len_max == int(state_len.max()) and flat.row_max == int(state_len.sum(1).max())
+            ends = torch.cat([flat.starts.flatten()[1:], torch.tensor([flat.k.shape[0]])])
+            room = ends - (flat.starts + state_len).flatten()
+            assert flat.room == int(room.min()) == int(room.max())
         return out
 
     monkeypatch.setattr(RaggedSnapKVLayer, "update", spy)

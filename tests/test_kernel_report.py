@@ -57,3 +57,11 @@ def test_no_64bit_remainder_per_row_in_the_statistics_tile_loop(kernels):
             assert k["calls"].get("int64 div/rem", 0) <= 9, name
             capped = name.endswith("true>")
             assert k["calls"].get("float div slow path", 0) <= (64 if capped else 0), name
+
+
+def test_ragged_attention_index_math_is_32_bit(kernels):
+    # Before: 11 calls to the 64-bit division per attend kernel (the tile loaders' e / vecs, the
+    # rows' e / D and the token index); inside a CTA the index math is now 32-bit.
+    for name, k in kernels.items():
+        if name.startswith("ra::attend_kernel"):
+            assert k["calls"].get("int64 div/rem", 0) == 0, name

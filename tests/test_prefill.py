@@ -27,15 +27,15 @@ def _keys_by_position(layer):
     """A layer's kept keys, each (row, KV head)'s in position order, and their positions: from the
     dense buffer, or the ragged store's segments (padded with zeros and position -1 at the end)."""
     if getattr(layer, "ragged", False):
-        B, H = layer._lengths.shape
-        rows = layer._rows(layer._starts, layer._lengths)
-        seg, inner = _segment_index(layer._lengths.flatten())
-        pos = layer._rp[rows]
+        flat = layer.flat
+        B, H = flat.lengths.shape
+        seg, inner = _segment_index(flat.lengths.flatten())
+        held, _, pos = flat.held()
         order = torch.argsort(seg * (int(pos.max()) + 1) + pos)
-        n = int(layer._lengths.max())
-        keys = layer._rk.new_zeros(B * H, n, layer._rk.shape[1])
+        n = int(flat.lengths.max())
+        keys = held.new_zeros(B * H, n, held.shape[1])
         p = pos.new_full((B * H, n), -1)
-        keys[seg, inner], p[seg, inner] = layer._rk[rows][order], pos[order]
+        keys[seg, inner], p[seg, inner] = held[order], pos[order]
         return keys.view(B, H, n, -1), p.view(B, H, n)
     ps = layer.positions.sort(-1)
     return layer.keys.gather(2, ps.indices[..., None].expand(-1, -1, -1, layer.keys.shape[-1])), ps.values

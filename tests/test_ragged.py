@@ -104,12 +104,12 @@ def test_ragged_bytes_are_what_is_kept():
     assert kept == 2 * 64
     assert layer.nbytes() == 2 * kept * D * elem
     assert layer.allocated_bytes() == 2 * (kept + 2 * 16) * D * elem, "kept entries plus the decode reserve"
-    store = layer._rk.data_ptr()
+    store = layer.flat.k.data_ptr()
     nxt = ids[:, -1:]
     with torch.no_grad():
         for _ in range(16):  # within the reserve: appended in place
             model(nxt, **cache_kwargs(model, cache))
-    assert layer._rk.data_ptr() == store
+    assert layer.flat.k.data_ptr() == store
     assert cache.stats()["kept_entries"][0] == 2 * (64 + 16)
 
 
@@ -157,19 +157,19 @@ def test_stores_refused_in_one_line(tmp_path):
             SnapKVCache(model, max_capacity_prompt=32, window_size=8, **kw)
 
     class Mine(RaggedSnapKVLayer):
-        """A store of one's own: the ragged one, counting its lay-outs."""
-        lay_outs = 0
+        """A store of one's own: the ragged one, counting its packings."""
+        packings = 0
 
-        def _lay_out(self, *args):
-            type(self).lay_outs += 1
-            super()._lay_out(*args)
+        def _pack(self, flat):
+            type(self).packings += 1
+            super()._pack(flat)
 
     kw = dict(max_capacity_prompt=32, window_size=8, policy="adakv")
     cache = SnapKVCache(model, **kw, store=Mine)
     want = SnapKVCache(model, **kw)
     ids = prompt(100)
     assert torch.equal(greedy(model, ids, cache), greedy(model, ids, want))
-    assert Mine.lay_outs == 2 and cache.stats()["store"] == "Mine"
+    assert Mine.packings == 2 and cache.stats()["store"] == "Mine"
     d = SnapKVDocument(model, ids, **kw, store=Mine)
     assert d.config.to_dict()["store"] == "Mine"
     with pytest.raises(ValueError, match="store Mine is not a built-in store .dense, ragged.: it cannot be saved"):

@@ -314,7 +314,9 @@ def test_simulator_is_sanitized():
 # ---------------------------------------------------------------- ragged_attention
 # (B, H_q, H_kv, n, D, lengths, dtype, softcap, row_stride, offset, sm_count): head dims
 # 64/65/80/128/256, groups 1/3/4/8, 1/3/17 new tokens, lengths from n to 5000 differing per head,
-# unused rows between segments, 16-byte (vector) and unaligned (scalar) rows, one CTA per segment
+# unused rows between segments, 16-byte (vector) and unaligned (scalar) rows, tiles prefetched
+# through registers (fp32 D 64, fp16 D 64/128) and 16-byte tiles loaded in place (bf16 D 80/256,
+# fp32 D 256: packs that do not divide the CTA or more than a thread holds), one CTA per segment
 # (sm_count 1) and several (132 SMs), several row blocks (G * n = 68 > 32), soft-cap on and off.
 RA_CASES = [
     (1, 3, 3, 1, 64, [[1, 700, 33]], torch.float32, None, None, 0, 132),
@@ -324,6 +326,7 @@ RA_CASES = [
     (1, 3, 1, 1, 65, [[77]], torch.float32, None, None, 0, 132),
     (2, 6, 2, 1, 64, [[40, 2000], [1, 9]], torch.bfloat16, None, 72, 1, 132),
     (1, 4, 4, 3, 64, [[3, 64, 65, 200]], torch.float16, 5.0, 72, 0, 1),
+    (1, 2, 1, 1, 256, [[300]], torch.float32, None, None, 0, 132),
 ]
 
 
