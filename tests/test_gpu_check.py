@@ -71,7 +71,7 @@ def _check_full_run(tmp_path, steps):
             assert f"{step}.txt" in names
         # one pytest process (and JUnit file) per op test file; the benchmarks' JSON
         assert {"pytest-test_window_scores.xml", "pytest-test_ragged_attention.xml", "bench_ops.json",
-                "bench_ops_resident.json", "bench_ops_shared.json", "bench_generate.json"} <= names
+                "bench_ops_resident.json", "bench_ops_shared.json", "bench_decode.json", "bench_generate.json"} <= names
         rows = json.load(t.extractfile(next(m for m in t.getmembers() if m.name.endswith("/bench_ops.json"))))["rows"]
         assert {row["op"] for row in rows} == {"window_scores", "fused", "fused_into"}
         tests = t.extractfile(next(m for m in t.getmembers() if m.name.endswith("/tests.txt"))).read().decode()

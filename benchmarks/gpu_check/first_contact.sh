@@ -18,7 +18,8 @@
 #              (a crash hides nothing else); no CUDA simulator, no lm_eval
 #   ops        bench_ops.py on CUDA: Llama-3-8B and LWM-7B, bf16 and fp32, 32K and 128K, window_scores
 #              and the fused compress (allocating and into a cache), then window_scores with its
-#              query fragments resident in registers against shared memory (SNAPKV_WS_RESIDENT=0)
+#              query fragments resident in registers against shared memory (SNAPKV_WS_RESIDENT=0),
+#              then ragged_attention against SDPA on the decode shapes (--decode)
 #   e2e        bench_generate.py: Llama-2-7B shape, bf16, 16K prompt, batch 2: prefill and decode
 #   ncu        Nsight Compute on the window-scoring kernels, --clock-control none
 #   memcheck   compute-sanitizer on the op tests' GPU cases (small shapes)
@@ -117,11 +118,13 @@ if [ "$DRY" = 1 ]; then
   OPS_ARGS=(--device cpu --configs llama3-8b --dtypes float32 --lengths 256 --max-capacity-prompt 128 --reps 1 --no-memory)
   AB_ARGS=(--device cpu --configs llama3-8b --dtypes bfloat16 --ops window_scores --lengths 256 --max-capacity-prompt 128
            --reps 1 --no-memory)
+  DECODE_ARGS=(--device cpu --decode --decode-configs smollm2 --reps 1)
   E2E_ARGS=(--model tiny --device cpu --dtype float32 --lengths 256 --batch 2 --max-capacity-prompt 64 --reps 1 --decode-steps 2)
   NCU_LEN=256
 else
   OPS_ARGS=(--device cuda --configs llama3-8b lwm-7b --dtypes bfloat16 float32 --lengths 32768 131072 --reps 10)
   AB_ARGS=(--device cuda --configs llama3-8b --dtypes bfloat16 --ops window_scores --lengths 32768 131072 --reps 30)
+  DECODE_ARGS=(--device cuda --decode --reps 20)
   E2E_ARGS=(--model llama2-7b --device cuda --dtype bfloat16 --lengths 16384 --batch 2 --max-capacity-prompt 2048
             --reps 3 --decode-steps 32)
   NCU_LEN=65536
@@ -150,7 +153,9 @@ ops_step() {
   "$PY" benchmarks/bench_ops.py "${OPS_ARGS[@]}" --ops window_scores fused fused_into --json "$W/bench_ops.json" || return 1
   echo "---- window_scores: query fragments in registers, then in shared memory (SNAPKV_WS_RESIDENT=0)"
   "$PY" benchmarks/bench_ops.py "${AB_ARGS[@]}" --json "$W/bench_ops_resident.json" || return 1
-  SNAPKV_WS_RESIDENT=0 "$PY" benchmarks/bench_ops.py "${AB_ARGS[@]}" --json "$W/bench_ops_shared.json"
+  SNAPKV_WS_RESIDENT=0 "$PY" benchmarks/bench_ops.py "${AB_ARGS[@]}" --json "$W/bench_ops_shared.json" || return 1
+  echo "---- ragged_attention (decode with head budgets) against SDPA"
+  "$PY" benchmarks/bench_ops.py "${DECODE_ARGS[@]}" --json "$W/bench_decode.json"
 }
 
 e2e_step() {
