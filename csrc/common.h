@@ -36,6 +36,20 @@ struct ExpF {
   SNAPKV_HD float operator()(float x) const { return expf(x); }
 };
 
+// a / b for the soft-cap's two divisions: on the GPU the fast division (__fdividef: a times an
+// approximate reciprocal, 2 ulp; 0 when |b| > 2^126, e.g. an overflowed exp, as the exact one
+// gives there), not IEEE division's slow-path call per logit; the simulator models it as
+// a * (1 / b); the CPU divides exactly (its vector loops divide with one instruction).
+SNAPKV_HD float softcap_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#elif defined(SNAPKV_CUDA_SIM)
+  return fabsf(b) > 8.50705917e37f ? 0.f : a * (1.f / b);  // 2^126: the reciprocal flushes to 0
+#else
+  return a / b;
+#endif
+}
+
 // Attention logit soft-capping (Gemma 2): softcap * tanh(x / softcap) of the scaled logit x,
 // before the mask and the softmax, as Transformers' eager attention does. The ops take
 // `softcap=None` for no cap, held as 0 inside; the kernels pick their capped or uncapped loops
@@ -45,7 +59,7 @@ struct ExpF {
 // 1 - 2 / (exp(2|y|) + 1). Within 4 ulp of float64 tanh; NaN stays NaN, +-inf gives +-softcap.
 template <typename Exp = ExpF>
 SNAPKV_HD float softcap_logit(float x, float softcap, Exp exp = Exp()) {
-  const float y = x / softcap;
+  const float y = softcap_div(x, softcap);
   const float a = fabsf(y);
   const float z = y * y;
   float series = -929569.f / 638512875.f;
@@ -56,7 +70,7 @@ SNAPKV_HD float softcap_logit(float x, float softcap, Exp exp = Exp()) {
   series = series * z + 2.f / 15.f;
   series = series * z - 1.f / 3.f;
   series = (series * z + 1.f) * y;
-  const float tail = copysignf(1.f - 2.f / (exp(2.f * a) + 1.f), y);
+  const float tail = copysignf(1.f - softcap_div(2.f, exp(2.f * a) + 1.f), y);
   return softcap * (a < 0.4f ? series : tail);
 }
 

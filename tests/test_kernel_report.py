@@ -28,8 +28,9 @@ def kernels():
     return {k["kernel"].replace("snapkv::", ""): k for k in rows}
 
 
-# Spills today: the fp32 statistics kernel keeps 6 values on the stack (a target not yet met).
-SPILLS = {"ws::stats_kernel<float, false, false>": 12}
+# Spills today: the fp32 statistics kernel keeps 6 values on the stack at its 128-register bound,
+# capped or not (a target not yet met; the capped one took that for its 64 float-division calls).
+SPILLS = {"ws::stats_kernel<float, false, false>": 12, "ws::stats_kernel<float, false, true>": 12}
 # The register-resident window-scoring kernels hold the query fragments in registers on purpose
 # (one CTA per SM for twice fewer shared-memory bytes per product): the rest keep two CTAs.
 RESIDENT = ("ws::stats_kernel<c10::BFloat16, true", "ws::stats_kernel<c10::Half, true",
@@ -51,12 +52,12 @@ def test_no_spills_and_two_ctas_per_sm(kernels):
 
 def test_no_64bit_remainder_per_row_in_the_statistics_tile_loop(kernels):
     # Before: 24 calls, the window index's 64-bit remainder per row and tile among them; now the
-    # loaders' (per tile, not per logit) remain. The cap's tanh adds its float divisions.
+    # loaders' (per tile, not per logit) remain. The cap's tanh divides with the fast division
+    # (common.h's softcap_div): before, 64 calls to the IEEE division's slow path per capped kernel.
     for name, k in kernels.items():
         if name.startswith("ws::stats_kernel"):
             assert k["calls"].get("int64 div/rem", 0) <= 9, name
-            capped = name.endswith("true>")
-            assert k["calls"].get("float div slow path", 0) <= (64 if capped else 0), name
+            assert k["calls"].get("float div slow path", 0) == 0, name
 
 
 def test_ragged_attention_index_math_is_32_bit(kernels):
