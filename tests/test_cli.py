@@ -393,3 +393,21 @@ def test_info_names_the_cpu_path(capsys):
         res = json.loads(run_cli(["info", "--json"], capsys)[1])
     assert res["cpu"]["isa"] == "baseline" and res["cpu"]["isas"] == snapkv_ext.cpu_isas()
     assert res["cuda_kernels"] == snapkv_ext.has_cuda_kernels()
+
+
+def test_method_takes_the_config_settings_by_name():
+    """The evaluations' Method holds SnapKVConfig's settings by their names and defaults (declared
+    once, in config.py); a name that is not a setting is refused, naming the settings."""
+    from snapkv_ext import SnapKVConfig
+    from snapkv_ext.tools.evaluate import Method
+
+    m = Method("adakv-10%", compression_ratio=0.1, policy="adakv", window_size=8)
+    assert (m.compression_ratio, m.window_size, m.kernel_size) == (0.1, 8, SnapKVConfig().kernel_size)
+    cfg = m.config(1000)
+    assert cfg.policy.name == "adakv" and cfg.max_capacity_prompt_for(1000) == 100 and cfg.window_size == 8
+    assert Method.full().is_full and not m.is_full and m.compresses(1000)
+    with pytest.raises(TypeError, match="Method 'x': no SnapKVConfig setting windw_size .the settings: "
+                                        "max_capacity_prompt, window_size"):
+        Method("x", windw_size=8)
+    with pytest.raises(AttributeError):
+        m.not_a_setting
