@@ -140,13 +140,15 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
     };
     for (int64_t r = 0; r < R; ++r) ws.stat[r] = stat_empty();
     const bool whole = kBlasLogits<Isa, KeyT> && job.keep_logits;
+    // Kept logits: block b's row maxima at block_max + b * bm_stride (one set for the whole head).
+    const int64_t bm_stride = whole ? 0 : R;
     if (whole) {
       // The portable path keeping fp32 logits: one product over all the keys, then the rows' max,
       // exps and sums through torch's own kernels (one call each per head, not one per block).
       head_block_logits<Isa>(job, ws, kh, bh, p0, L, ws.logits);
       mask_window(p0, L, ws.logits);
       blas_head_exps(ws.logits, L - p0, ldr, R, ws.bm, ws.bl);
-      for (int64_t j0 = p0; j0 < L; j0 += kBlock) std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * R);
+      std::copy(ws.bm, ws.bm + R, ws.block_max);
       for (int64_t r = 0; r < R; ++r)
         if (ws.bl[r] > 0.f) ws.stat[r] = SoftmaxStat{ws.bm[r], ws.bl[r]};
     }
@@ -157,7 +159,7 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
       mask_window(j0, j1, st);
       if (job.keep_logits) {
         cpu::block_row_stats<true>(st, j1 - j0, ldr, R, ws.bm, ws.bl);
-        std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * R);
+        std::copy(ws.bm, ws.bm + R, ws.block_max + (j0 - p0) / kBlock * bm_stride);
       } else {
         cpu::block_row_stats(st, j1 - j0, ldr, R, ws.bm, ws.bl);
       }
@@ -179,7 +181,7 @@ SNAPKV_AI void score_heads_typed(const ScoreJob& job, int64_t begin, int64_t end
       // A kept block holds exp(logit - block max) (every row sees every prefix key, so the block
       // max is finite for r < R): its probabilities are those times exp(block max - row max) / sum.
       if (job.keep_logits) {
-        const float* bm = ws.block_max + (j0 - p0) / kBlock * R;
+        const float* bm = ws.block_max + (j0 - p0) / kBlock * bm_stride;
         for (int64_t r = 0; r < R; ++r) ws.bl[r] = cpu::exp_fast(bm[r] - ws.m[r]) * ws.inv_l[r];
       } else {
         head_block_logits<Isa>(job, ws, kh, bh, j0, j1, st);

@@ -1,7 +1,8 @@
 // The executor the host launch code of csrc/cuda/*_kernels.cuh runs on in the extension: the
 // current device (its limits queried once per process) and stream, the opt-in shared-memory
-// attribute when a launch needs more than the default 48 KB, and a launch check after every launch. (The CPU simulator has its own
-// executor with the same interface, SimExec in tests/cuda_sim/sim_ops.cpp.)
+// attribute when a launch needs more than the default 48 KB, and a launch check after every
+// launch. (The CPU simulator has its own executor with the same interface, SimExec in
+// tests/cuda_sim/sim_ops.cpp.)
 #pragma once
 
 #include <c10/cuda/CUDAException.h>

@@ -27,7 +27,6 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "../common.h"
